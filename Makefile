@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_ROOT ?= .ccat/demo
+
+.PHONY: demo ui test lint clean-demo
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## Package the demo files end to end on the embedded default (SQLite, local files).
+demo: $(BIN)/.installed
+	$(BIN)/ccat-packaging demo --root $(DEMO_ROOT)
+
+## The Dagster UI on the demo's data (run `make demo` first). DAGSTER_HOME keeps `dagster dev`
+## away from the production dagster.yaml in this directory.
+ui: $(BIN)/.installed
+	@test -f $(DEMO_ROOT)/ops_db.sqlite || { echo "run 'make demo' first"; exit 1; }
+	DAGSTER_HOME=$(abspath $(DEMO_ROOT))/dagster_home \
+	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_ROOT))/ops_db.sqlite \
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Lint, type-check and run every test (starts PostgreSQL and installs sshd when missing).
+test: lint
+	scripts/test-setup.sh
+	$(BIN)/pytest
+
+clean-demo:
+	rm -rf $(DEMO_ROOT)

@@ -1,0 +1,399 @@
+"""The one tar assembler: deterministic bytes, checksum in the same pass, nothing half-written.
+
+This module imports only Python's standard library on purpose: the same file runs in-process
+when we are the host that holds the files, and is shipped unchanged to a remote host and run
+there with ``python3`` otherwise, so a package has the same bytes and checksum wherever it is
+built. It is driven by JSON-able specs and answers with JSON-able results; failures are
+``AgentError`` with a ``kind`` the caller maps to its own error classes.
+
+Archive format: GNU tar headers written by ``tarfile`` (integer mtimes, no user/group names),
+member data padded to 512 bytes, two zero blocks, padded to a 10240-byte record. Its size is
+exactly predictable from member names and sizes, which catches truncation and short reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import stat
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from typing import Any
+
+BLOCK = 512
+RECORD = tarfile.RECORDSIZE  # 20 blocks
+BUFFER_SIZE = 4 << 20
+BUFFER_COUNT = 6
+ALGORITHM = "sha256"
+
+
+class AgentError(Exception):
+    """``kind`` is one of: unsafe_path, source_file, no_space, busy, verification, io."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def check_relative_path(path: str) -> str:
+    """Refuse paths that could leave their root: absolute, ``..``, empty parts, NUL."""
+    if not path or "\0" in path:
+        raise AgentError("unsafe_path", f"relative path {path!r} is empty or contains NUL")
+    if path.startswith("/"):
+        raise AgentError("unsafe_path", f"relative path {path!r} is absolute")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise AgentError(
+            "unsafe_path", f"relative path {path!r} has an empty, '.' or '..' component"
+        )
+    return path
+
+
+def _encoded(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def predicted_size(members: list[tuple[str, int]]) -> int:
+    """The exact archive size for members (name, size), as this module writes it."""
+    total = 0
+    for name, size in members:
+        raw = len(_encoded(name))
+        total += BLOCK
+        if raw > tarfile.LENGTH_NAME:  # GNU ././@LongLink header plus the name and its NUL
+            total += BLOCK + (raw + 1 + BLOCK - 1) // BLOCK * BLOCK
+        total += (size + BLOCK - 1) // BLOCK * BLOCK
+    total += 2 * BLOCK
+    return (total + RECORD - 1) // RECORD * RECORD
+
+
+def _header(name: str, st: os.stat_result) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = st.st_size
+    info.mtime = int(st.st_mtime)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape")
+
+
+def _open_member(root_real: str, relative: str, filed_size: int) -> tuple[int, os.stat_result]:
+    """Open a source file for reading, refusing symlinks and anything outside the root."""
+    path = os.path.join(root_real, relative)
+    parent = os.path.realpath(os.path.dirname(path))
+    if parent != root_real and not parent.startswith(root_real + os.sep):
+        raise AgentError("unsafe_path", f"{relative!r} leads outside the location root")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise AgentError("source_file", f"source file {relative!r} is missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AgentError("unsafe_path", f"source file {relative!r} is a symlink") from None
+        raise AgentError("source_file", f"cannot open source file {relative!r}: {exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise AgentError("source_file", f"source file {relative!r} is not a regular file")
+    if st.st_size != filed_size:
+        os.close(fd)
+        raise AgentError(
+            "source_file",
+            f"source file {relative!r} has {st.st_size} bytes on disk but {filed_size} were "
+            "filed (still being written, or changed since filing)",
+        )
+    return fd, st
+
+
+class _Pipeline:
+    """Fills buffers on the calling thread while one thread hashes and one writes them.
+
+    hashlib and os.write release the GIL, so reading, hashing and writing overlap; each buffer
+    returns to the pool once both consumers are done with it, which bounds memory.
+    """
+
+    def __init__(self, out_fd: int) -> None:
+        self.out_fd = out_fd
+        self.digest = hashlib.new(ALGORITHM)
+        self.total = 0
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(BUFFER_COUNT):
+            self._free.put(bytearray(BUFFER_SIZE))
+        self._hash_q: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._write_q: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._pending: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._errors: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._hash_loop, daemon=True),
+            threading.Thread(target=self._write_loop, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._buf = self._free.get()
+        self._fill = 0
+
+    def _release(self, buf: bytearray) -> None:
+        with self._lock:
+            self._pending[id(buf)] -= 1
+            done = self._pending[id(buf)] == 0
+        if done:
+            self._free.put(buf)
+
+    def _hash_loop(self) -> None:
+        while (item := self._hash_q.get()) is not None:
+            buf, n = item
+            self.digest.update(memoryview(buf)[:n])
+            self._release(buf)
+
+    def _write_loop(self) -> None:
+        while (item := self._write_q.get()) is not None:
+            buf, n = item
+            try:
+                if not self._errors:
+                    view = memoryview(buf)[:n]
+                    while view:
+                        view = view[os.write(self.out_fd, view) :]
+            except BaseException as exc:  # reported by check(); keep draining
+                self._errors.append(exc)
+            self._release(buf)
+
+    def check(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    def _flush(self) -> None:
+        if self._fill:
+            with self._lock:
+                self._pending[id(self._buf)] = 2
+            self._hash_q.put((self._buf, self._fill))
+            self._write_q.put((self._buf, self._fill))
+            self._buf = self._free.get()
+            self._fill = 0
+            self.check()
+
+    def emit(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            k = min(len(view), BUFFER_SIZE - self._fill)
+            self._buf[self._fill : self._fill + k] = view[:k]
+            self._fill += k
+            self.total += k
+            view = view[k:]
+            if self._fill == BUFFER_SIZE:
+                self._flush()
+
+    def copy_from(self, fd: int, size: int, relative: str) -> None:
+        left = size
+        while left:
+            room = memoryview(self._buf)[self._fill : self._fill + min(BUFFER_SIZE - self._fill, left)]
+            n = os.readv(fd, [room])
+            if n == 0:
+                raise AgentError("source_file", f"source file {relative!r} shrank while read")
+            self._fill += n
+            self.total += n
+            left -= n
+            if self._fill == BUFFER_SIZE:
+                self._flush()
+
+    def finish(self) -> None:
+        self._flush()
+        self.close()
+        self.check()
+
+    def close(self) -> None:
+        self._hash_q.put(None)
+        self._write_q.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+def _ensure_dir(root: str, relative_dir: str) -> str:
+    if not os.path.isdir(root):
+        raise AgentError("io", f"location root {root!r} does not exist or is not a directory")
+    path = os.path.join(root, relative_dir) if relative_dir else root
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def build(spec: dict[str, Any]) -> dict[str, Any]:
+    """Write the archive under a temporary name next to its final name, fsynced, and return
+    its size and checksum. Nothing is left behind on failure.
+
+    spec: source_root, members [[relative_path, filed_size], ...], dest_root, dest_relative.
+    """
+    started = time.monotonic()
+    members = [(check_relative_path(p), int(s)) for p, s in spec["members"]]
+    dest_relative = check_relative_path(spec["dest_relative"])
+    source_root = spec["source_root"]
+    if not os.path.isdir(source_root):
+        raise AgentError("io", f"source root {source_root!r} does not exist or is not a directory")
+    root_real = os.path.realpath(source_root)
+    dest_dir = _ensure_dir(spec["dest_root"], os.path.dirname(dest_relative))
+    base = os.path.basename(dest_relative)
+    need = predicted_size(members)
+
+    lock_fd = os.open(os.path.join(dest_dir, f".{base}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AgentError("busy", f"{dest_relative} is being built by another process") from None
+        _remove_partials(dest_dir, base)
+        vfs = os.statvfs(dest_dir)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < need:
+            raise AgentError(
+                "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
+            )
+        fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
+        try:
+            digest, total = _write_archive(fd, root_real, members)
+            if total != need:
+                raise AgentError(
+                    "verification", f"wrote {total} bytes but {need} were predicted"
+                )
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(temp_path)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise AgentError("no_space", f"disk full while writing in {dest_dir}") from None
+            raise AgentError("io", f"writing {temp_path} failed: {exc}") from None
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp_path)
+            raise
+        os.close(fd)
+    finally:
+        os.close(lock_fd)
+    return {
+        "temp_path": temp_path,
+        "size": total,
+        "checksum": digest,
+        "algorithm": ALGORITHM,
+        "members": len(members),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def _write_archive(out_fd: int, root_real: str, members: list[tuple[str, int]]) -> tuple[str, int]:
+    pipe = _Pipeline(out_fd)
+    try:
+        for relative, filed_size in members:
+            fd, st = _open_member(root_real, relative, filed_size)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                pipe.emit(_header(relative, st))
+                pipe.copy_from(fd, st.st_size, relative)
+                if os.fstat(fd).st_size != st.st_size:
+                    raise AgentError("source_file", f"source file {relative!r} changed while read")
+            finally:
+                os.close(fd)
+            pipe.emit(b"\0" * (-st.st_size % BLOCK))
+        pipe.emit(b"\0" * (2 * BLOCK))
+        pipe.emit(b"\0" * (-pipe.total % RECORD))
+        pipe.finish()
+    except BaseException:
+        pipe.close()
+        raise
+    return pipe.digest.hexdigest(), pipe.total
+
+
+def _remove_partials(dest_dir: str, base: str) -> None:
+    """Temporary files of earlier, crashed attempts; only called while holding the lock."""
+    prefix = f".{base}.partial."
+    for entry in os.listdir(dest_dir):
+        if entry.startswith(prefix):
+            os.unlink(os.path.join(dest_dir, entry))
+
+
+def verify(spec: dict[str, Any]) -> dict[str, Any]:
+    """Check a written archive without re-reading its data: exact size, then member headers.
+
+    spec: path, members [[relative_path, size], ...] in archive order.
+    """
+    path = spec["path"]
+    expected = [(p, int(s)) for p, s in spec["members"]]
+    need = predicted_size(expected)
+    actual_size = os.stat(path).st_size
+    if actual_size != need:
+        raise AgentError(
+            "verification", f"{path} has {actual_size} bytes, {need} expected (truncated?)"
+        )
+    with tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape") as archive:
+        found = [(m.name, m.size) for m in archive]
+    if found != expected:
+        missing = [m for m in expected if m not in found][:3]
+        extra = [m for m in found if m not in expected][:3]
+        raise AgentError(
+            "verification",
+            f"{path} members differ from the package's files: missing {missing}, extra {extra}",
+        )
+    return {"size": actual_size, "members": len(found)}
+
+
+def publish(spec: dict[str, Any]) -> dict[str, Any]:
+    """Give a verified temporary archive its final name; rename(2) is atomic, then the
+    directory entry is fsynced so a crash cannot lose it.
+
+    spec: temp_path, dest_root, dest_relative.
+    """
+    final = os.path.join(spec["dest_root"], check_relative_path(spec["dest_relative"]))
+    os.rename(spec["temp_path"], final)
+    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return {"path": final}
+
+
+def discard(spec: dict[str, Any]) -> dict[str, Any]:
+    """Remove a temporary archive that will not be published (spec: temp_path)."""
+    try:
+        os.unlink(spec["temp_path"])
+    except FileNotFoundError:
+        return {"removed": False}
+    return {"removed": True}
+
+
+COMMANDS = {"build": build, "verify": verify, "publish": publish, "discard": discard}
+
+
+def run_command(command: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Dispatch one command; the only entry point callers use."""
+    try:
+        handler = COMMANDS[command]
+    except KeyError:
+        raise AgentError("io", f"unknown agent command {command!r}") from None
+    return handler(spec)
+
+
+def main(argv: list[str]) -> int:
+    """``python3 tar_agent.py COMMAND SPEC.json``: one JSON line on stdout, exit 0 or 3."""
+    command, spec_path = argv[1], argv[2]
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    try:
+        result: dict[str, Any] = {"ok": run_command(command, spec)}
+        code = 0
+    except AgentError as exc:
+        result, code = {"error": {"kind": exc.kind, "message": exc.message}}, 3
+    except OSError as exc:
+        result, code = {"error": {"kind": "io", "message": str(exc)}}, 3
+    sys.stdout.write(json.dumps(result) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

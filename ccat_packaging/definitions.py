@@ -1,0 +1,44 @@
+"""The code location: the packaging job, one sensor per SOURCE location, and resources."""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+from sqlalchemy.exc import SQLAlchemyError
+
+from ccat_packaging import settings
+from ccat_packaging.db import make_engine, redacted, session_scope
+from ccat_packaging.discovery import SourceLocationRef, source_locations
+from ccat_packaging.errors import ConfigurationError
+from ccat_packaging.jobs import package_job
+from ccat_packaging.resources import AssemblyHosts, ops_database_from_env
+from ccat_packaging.sensors import build_source_location_sensor
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+
+
+def load_source_locations(url: str) -> list[SourceLocationRef]:
+    """Read once per code-location load; a new location needs a reload to get its sensor."""
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            return source_locations(session)
+    except SQLAlchemyError as exc:
+        raise ConfigurationError(
+            f"cannot read SOURCE locations from the operations database {redacted(url)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    locations = load_source_locations(settings.ops_db_url())
+    return dg.Definitions(
+        jobs=[package_job],
+        sensors=[build_source_location_sensor(location) for location in locations],
+        resources={"ops_db": ops_database_from_env(), "assembly_hosts": AssemblyHosts()},
+    )

@@ -1,0 +1,244 @@
+"""Finding work: SOURCE locations, their unpackaged file groups, and the buffer to fill.
+
+A file group is (SOURCE location, executed obs unit, instrument module). Its key is also the
+Dagster partition key, so everything a run needs can be derived from the key and the database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ccat_packaging.errors import ConfigurationError, NoActiveBufferError
+from ccat_packaging.models import (
+    DataLocation,
+    DiskDataLocation,
+    LocationType,
+    RawDataFile,
+    StorageType,
+)
+
+_KEY = re.compile(r"^(?P<slug>[A-Za-z0-9_]+)__eou(?P<eou>\d+)__mod(?P<mod>\d+)$")
+
+
+def location_slug(name: str) -> str:
+    """A name usable in Dagster sensor names and partition keys (``[A-Za-z0-9_]``)."""
+    slug = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
+    if not slug:
+        raise ConfigurationError(f"data location name {name!r} has no usable characters")
+    return slug
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    location_slug: str
+    executed_obs_unit_id: int
+    instrument_module_id: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.location_slug}__eou{self.executed_obs_unit_id}"
+            f"__mod{self.instrument_module_id}"
+        )
+
+    @classmethod
+    def parse(cls, key: str) -> GroupKey:
+        match = _KEY.match(key)
+        if match is None:
+            raise ConfigurationError(
+                f"{key!r} is not a file-group key (<location>__eou<id>__mod<id>)"
+            )
+        return cls(match["slug"], int(match["eou"]), int(match["mod"]))
+
+
+@dataclass(frozen=True)
+class SourceLocationRef:
+    """What a sensor needs to know about its location, fixed when the code location loads."""
+
+    id: int
+    name: str
+    slug: str
+    host: str
+
+
+@dataclass(frozen=True)
+class FileGroup:
+    key: GroupKey
+    file_count: int
+    total_bytes: int
+    newest_filed_at: datetime
+
+
+def source_locations(session: Session) -> list[SourceLocationRef]:
+    """Active SOURCE disk locations, one sensor each; slugs must not collide."""
+    rows = session.scalars(
+        select(DiskDataLocation)
+        .where(
+            DiskDataLocation.location_type == LocationType.SOURCE,
+            DiskDataLocation.active.is_(True),
+        )
+        .order_by(DiskDataLocation.id)
+    ).all()
+    refs = [SourceLocationRef(r.id, r.name, location_slug(r.name), r.host) for r in rows]
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.slug in seen:
+            raise ConfigurationError(
+                f"SOURCE locations {seen[ref.slug]!r} and {ref.name!r} map to the same "
+                f"sensor name {ref.slug!r}; rename one of them"
+            )
+        seen[ref.slug] = ref.name
+    return refs
+
+
+def source_location_for(session: Session, key: GroupKey) -> DiskDataLocation:
+    """The SOURCE disk location a group key names (active or not: old groups stay packable)."""
+    candidates = session.scalars(
+        select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
+    ).all()
+    matches = [loc for loc in candidates if location_slug(loc.name) == key.location_slug]
+    if not matches:
+        raise ConfigurationError(f"no SOURCE location matches group key {key}")
+    location = matches[0]
+    if not isinstance(location, DiskDataLocation):
+        raise ConfigurationError(
+            f"SOURCE location {location.name!r} has storage type {location.storage_type}; "
+            "packaging reads from disk locations only"
+        )
+    return location
+
+
+def unpackaged_groups(
+    session: Session, location_id: int, filed_since: datetime | None, limit: int
+) -> list[FileGroup]:
+    """Groups with unpackaged files, oldest activity first, one indexed GROUP BY.
+
+    ``filed_since`` restricts to groups whose newest unpackaged file was filed at or after it
+    (the sensor's cursor); ``>=`` re-reads the boundary group rather than risk skipping a tie.
+    """
+    newest = func.max(RawDataFile.created_at)
+    stmt = (
+        select(
+            RawDataFile.executed_obs_unit_id,
+            RawDataFile.instrument_module_id,
+            func.count(),
+            func.coalesce(func.sum(RawDataFile.size), 0),
+            newest,
+        )
+        .where(
+            RawDataFile.source_location_id == location_id,
+            RawDataFile.raw_data_package_id.is_(None),
+        )
+        .group_by(RawDataFile.executed_obs_unit_id, RawDataFile.instrument_module_id)
+        .order_by(newest, RawDataFile.executed_obs_unit_id, RawDataFile.instrument_module_id)
+        .limit(limit)
+    )
+    if filed_since is not None:
+        stmt = stmt.having(newest >= filed_since)
+    location = session.get_one(DataLocation, location_id)
+    slug = location_slug(location.name)
+    return [
+        FileGroup(GroupKey(slug, eou, mod), int(count), int(total), _aware(newest_at))
+        for eou, mod, count, total, newest_at in session.execute(stmt)
+    ]
+
+
+def primary_buffer(session: Session, site_id: int) -> DiskDataLocation:
+    """The site's active BUFFER with the lowest priority number (ties: lowest id).
+
+    No active buffer is a configuration error, never a reason to skip quietly.
+    """
+    buffers = session.scalars(
+        select(DataLocation)
+        .where(
+            DataLocation.site_id == site_id,
+            DataLocation.location_type == LocationType.BUFFER,
+            DataLocation.active.is_(True),
+        )
+        .order_by(DataLocation.priority, DataLocation.id)
+    ).all()
+    if not buffers:
+        raise NoActiveBufferError(
+            f"site id {site_id} has no active BUFFER location; add one or activate one"
+        )
+    best = buffers[0]
+    if best.storage_type != StorageType.DISK or not isinstance(best, DiskDataLocation):
+        raise ConfigurationError(
+            f"primary buffer {best.name!r} has storage type {best.storage_type}; "
+            "packages are written to disk buffers only"
+        )
+    return best
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes for timezone-aware columns; everything we store is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class SensorCursor:
+    """Where a location sensor left off.
+
+    ``since``: the newest filing time among groups already requested; the next tick starts
+    there. ``seen``: groups requested at exactly that time (a tie must neither repeat nor be
+    skipped). ``rescan_at``: when to start again from the beginning, which catches files whose
+    transaction committed after the cursor passed their filing time.
+    """
+
+    since: datetime | None = None
+    seen: tuple[str, ...] = ()
+    rescan_at: float = 0.0
+
+    def serialize(self) -> str:
+        return json.dumps(
+            {
+                "since": self.since.isoformat() if self.since else None,
+                "seen": list(self.seen),
+                "rescan_at": self.rescan_at,
+            }
+        )
+
+    @classmethod
+    def parse(cls, raw: str | None) -> SensorCursor:
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        since = datetime.fromisoformat(data["since"]) if data.get("since") else None
+        return cls(since, tuple(data.get("seen", ())), float(data.get("rescan_at", 0.0)))
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    groups: list[FileGroup]
+    cursor: SensorCursor
+    rescanned: bool
+
+
+def plan_tick(
+    session: Session,
+    location_id: int,
+    cursor: SensorCursor,
+    now: float,
+    limit: int,
+    rescan_seconds: int,
+) -> TickPlan:
+    """The groups one tick requests (at most ``limit``) and the cursor for the next tick."""
+    rescan = now >= cursor.rescan_at
+    since = None if rescan else cursor.since
+    seen = set() if rescan else set(cursor.seen)
+    # Read a few extra rows so the tie-break filter below cannot shrink a full page to nothing.
+    rows = unpackaged_groups(session, location_id, since, limit + len(seen))
+    groups = [g for g in rows if not (g.newest_filed_at == since and str(g.key) in seen)][:limit]
+    rescan_at = now + rescan_seconds if rescan else cursor.rescan_at
+    if not groups:
+        return TickPlan([], SensorCursor(since, tuple(sorted(seen)), rescan_at), rescan)
+    newest = groups[-1].newest_filed_at
+    at_newest = {str(g.key) for g in groups if g.newest_filed_at == newest}
+    if newest == since:
+        at_newest |= seen
+    return TickPlan(groups, SensorCursor(newest, tuple(sorted(at_newest)), rescan_at), rescan)

@@ -1,0 +1,42 @@
+"""Error classes that tell the job whether trying again can help.
+
+Retryable errors (a host that is down, a dropped connection, a busy lock) go through the op's
+retry policy; everything else fails the package at once with a message that names the host,
+location and file concerned.
+"""
+
+from __future__ import annotations
+
+
+class PackagingError(Exception):
+    """Base class; ``retryable`` says whether the same attempt may succeed later."""
+
+    retryable = False
+
+
+class RetryableError(PackagingError):
+    retryable = True
+
+
+class ConfigurationError(PackagingError):
+    """The operations database describes something packaging cannot work with."""
+
+
+class NoActiveBufferError(ConfigurationError):
+    pass
+
+
+class SourceFileError(PackagingError):
+    """A source file is missing, changed since it was filed, or not a regular file."""
+
+
+class UnsafePathError(PackagingError):
+    """A relative path that is absolute, contains ``..`` or NUL, or leads outside its root."""
+
+
+class InsufficientSpaceError(PackagingError):
+    pass
+
+
+class ArchiveVerificationError(PackagingError):
+    """The written archive does not match what was predicted from the filed files."""

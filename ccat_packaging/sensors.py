@@ -1,0 +1,91 @@
+"""One sensor per SOURCE location, built from the database when the code location loads."""
+
+import time
+
+import dagster as dg
+
+from ccat_packaging import settings
+from ccat_packaging.discovery import (
+    SensorCursor,
+    SourceLocationRef,
+    plan_tick,
+    primary_buffer,
+)
+from ccat_packaging.jobs import file_groups, package_job
+from ccat_packaging.models import DataLocation
+from ccat_packaging.resources import OpsDatabase
+
+
+def sensor_name(location: SourceLocationRef) -> str:
+    return f"package_{location.slug}_sensor"
+
+
+def run_key(group_key: str, file_count: int, newest_filed_at: float) -> str:
+    """Changes when a file joins the group, so late files get a run of their own, while the
+    same unchanged group is launched at most once (Dagster never reuses a run key)."""
+    return f"{group_key}:{file_count}:{newest_filed_at:.6f}"
+
+
+def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=sensor_name(location),
+        job=package_job,
+        minimum_interval_seconds=settings.sensor_interval_seconds(),
+        description=(
+            f"Packages unpackaged raw files at SOURCE location {location.name!r} "
+            f"(host {location.host}), one run per (executed obs unit, instrument module)."
+        ),
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _sensor(
+        context: dg.SensorEvaluationContext, ops_db: OpsDatabase
+    ) -> dg.SensorResult:
+        cursor = SensorCursor.parse(context.cursor)
+        with ops_db.session() as session:
+            row = session.get(DataLocation, location.id)
+            if row is None or not row.active:
+                return dg.SensorResult(
+                    skip_reason=f"location {location.name!r} is no longer an active SOURCE; "
+                    "reload the code location to drop this sensor"
+                )
+            # Raises NoActiveBufferError: the tick fails visibly instead of skipping.
+            buffer = primary_buffer(session, row.site_id)
+            tick = plan_tick(
+                session,
+                location.id,
+                cursor,
+                now=time.time(),
+                limit=settings.sensor_max_requests(),
+                rescan_seconds=settings.sensor_rescan_seconds(),
+            )
+        if not tick.groups:
+            return dg.SensorResult(
+                skip_reason=f"no new unpackaged files at {location.name!r}",
+                cursor=tick.cursor.serialize(),
+            )
+        keys = [str(g.key) for g in tick.groups]
+        requests = [
+            dg.RunRequest(
+                run_key=run_key(str(g.key), g.file_count, g.newest_filed_at.timestamp()),
+                partition_key=str(g.key),
+                tags={
+                    "ccat/source_location": location.name,
+                    "ccat/source_host": location.host,
+                    "ccat/buffer_location": buffer.name,
+                    "ccat/files": str(g.file_count),
+                    "ccat/bytes": str(g.total_bytes),
+                },
+            )
+            for g in tick.groups
+        ]
+        context.log.info(
+            f"{len(requests)} group(s) to package at {location.name!r} "
+            f"(buffer {buffer.name!r}{', full rescan' if tick.rescanned else ''})"
+        )
+        return dg.SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=[file_groups.build_add_request(keys)],
+            cursor=tick.cursor.serialize(),
+        )
+
+    return _sensor

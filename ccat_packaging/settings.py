@@ -1,0 +1,45 @@
+"""Settings from ``CCAT_``-prefixed environment variables, with defaults for the embedded set-up.
+
+Values are read when asked for, never at import, so tests and the demo can set them per process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OPS_DB_URL_ENV = "CCAT_OPS_DB_URL"
+
+
+def default_ops_db_url() -> str:
+    """The embedded default: a SQLite file in the working directory, no server needed."""
+    return f"sqlite:///{Path.cwd() / '.ccat' / 'ops_db.sqlite'}"
+
+
+def ops_db_url() -> str:
+    return os.environ.get(OPS_DB_URL_ENV) or default_ops_db_url()
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def sensor_interval_seconds() -> int:
+    """Minimum gap between two ticks of a location sensor."""
+    return _int("CCAT_SENSOR_INTERVAL_SECONDS", 60)
+
+
+def sensor_max_requests() -> int:
+    """Run requests one tick may yield; the daemon spends ~150 ms per request."""
+    return _int("CCAT_SENSOR_MAX_REQUESTS", 100)
+
+
+def sensor_rescan_seconds() -> int:
+    """How often a sensor rescans all unpackaged files instead of only those past its cursor."""
+    return _int("CCAT_SENSOR_RESCAN_SECONDS", 600)
