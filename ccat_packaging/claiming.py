@@ -9,8 +9,9 @@ re-running a group converges instead of multiplying packages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -94,7 +95,9 @@ def plan_for(
     # Member order is by the bytes of the path, not the database collation, so the archive
     # is the same whichever database or locale produced the list.
     members = tuple(
-        sorted(((p, int(s)) for p, s in rows), key=lambda m: m[0].encode("utf-8", "surrogateescape"))
+        sorted(
+            ((p, int(s)) for p, s in rows), key=lambda m: m[0].encode("utf-8", "surrogateescape")
+        )
     )
     return PackagePlan(
         package_id=package.id,
@@ -108,7 +111,7 @@ def plan_for(
     )
 
 
-def _group_filter(key: GroupKey, location_id: int) -> tuple:  # type: ignore[type-arg]
+def _group_filter(key: GroupKey, location_id: int) -> tuple[ColumnElement[bool], ...]:
     return (
         RawDataPackage.source_location_id == location_id,
         RawDataPackage.executed_obs_unit_id == key.executed_obs_unit_id,
@@ -149,7 +152,7 @@ def _new_package(
                 session.flush()
         except IntegrityError:
             continue  # another run took this part number a moment ago; take the next
-        claimed = session.execute(
+        result = session.execute(
             update(RawDataFile)
             .where(
                 RawDataFile.source_location_id == location_id,
@@ -159,7 +162,8 @@ def _new_package(
             )
             .values(raw_data_package_id=package.id)
             .execution_options(synchronize_session=False)
-        ).rowcount
+        )
+        claimed = cast(CursorResult[Any], result).rowcount
         if claimed == 0:
             session.delete(package)
             session.flush()

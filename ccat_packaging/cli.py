@@ -23,7 +23,7 @@ def _init_db(_: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ccat_packaging import demo
 
-    return demo.run(Path(args.root), reset=args.reset)
+    return demo.run(Path(args.root), reset=args.reset, size_scale=args.size_scale)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd = commands.add_parser("demo", help="package demo files end to end (SQLite, local)")
     demo_cmd.add_argument("--root", default=".ccat/demo", help="where the demo keeps its data")
     demo_cmd.add_argument("--reset", action="store_true", help="start from an empty demo")
+    demo_cmd.add_argument(
+        "--size-scale", type=float, default=1.0, help="multiply every demo file size by this"
+    )
     demo_cmd.set_defaults(handler=_demo)
     init_cmd = commands.add_parser("init-db", help="create the tables in CCAT_OPS_DB_URL")
     init_cmd.set_defaults(handler=_init_db)

@@ -67,13 +67,15 @@ INSTRUMENTS = [
 ]
 
 
-def _file_size(rng: random.Random) -> int:
+def _file_size(rng: random.Random, scale: float) -> int:
     roll = rng.random()
     if roll < 0.70:
-        return rng.randint(1 * MB, 5 * MB)
-    if roll < 0.95:
-        return rng.randint(5 * MB, 15 * MB)
-    return rng.randint(15 * MB, 30 * MB)
+        low, high = 1 * MB, 5 * MB
+    elif roll < 0.95:
+        low, high = 5 * MB, 15 * MB
+    else:
+        low, high = 15 * MB, 30 * MB
+    return int(rng.randint(low, high) * scale)
 
 
 def _write_file(path: Path, size: int, rng: random.Random) -> str:
@@ -90,7 +92,7 @@ def _write_file(path: Path, size: int, rng: random.Random) -> str:
     return digest.hexdigest()
 
 
-def seed(session: Session, paths: DemoPaths, seed_value: int = 2026) -> int:
+def seed(session: Session, paths: DemoPaths, size_scale: float, seed_value: int = 2026) -> int:
     """File a site, two SOURCE and two BUFFER locations, and a few hundred real files."""
     rng = random.Random(seed_value)
     host = "localhost"
@@ -135,7 +137,7 @@ def seed(session: Session, paths: DemoPaths, seed_value: int = 2026) -> int:
                 for index in range(per_group):
                     subdir = f"scan_{index // 4:02d}"
                     relative = f"{module.name}/eou{eou.id:04d}/{subdir}/frame_{index:03d}.fits"
-                    size = _file_size(rng)
+                    size = _file_size(rng, size_scale)
                     checksum = _write_file(root / relative, size, rng)
                     raw = RawDataFile(
                         name=Path(relative).name,
@@ -151,7 +153,9 @@ def seed(session: Session, paths: DemoPaths, seed_value: int = 2026) -> int:
                     session.add(raw)
                     session.flush()
                     session.add(
-                        RawDataFilePhysicalCopy(raw_data_file_id=raw.id, data_location_id=location.id)
+                        RawDataFilePhysicalCopy(
+                            raw_data_file_id=raw.id, data_location_id=location.id
+                        )
                     )
                     files += 1
     return files
@@ -195,7 +199,7 @@ def print_table(rows: list[tuple[str, int, int, str, str, str]]) -> None:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def run(root: Path, reset: bool = False) -> int:
+def run(root: Path, reset: bool = False, size_scale: float = 1.0) -> int:
     """Seed (first time only), tick every sensor, run every request; returns an exit code."""
     started = time.monotonic()
     paths = DemoPaths(root.resolve())
@@ -209,14 +213,14 @@ def run(root: Path, reset: bool = False) -> int:
     Base.metadata.create_all(engine)
     with session_scope(engine) as session:
         if session.scalar(select(func.count(Site.id))) == 0:
-            filed = seed(session, paths)
+            filed = seed(session, paths, size_scale)
             print(f"filed {filed} raw files under {paths.instruments}")
     seeded_at = time.monotonic()
 
     from ccat_packaging.definitions import defs
 
     with dg.DagsterInstance.from_config(str(paths.dagster_home)) as instance:
-        outcomes = tick_and_run(defs(), instance)
+        outcomes = tick_and_run(defs(), instance, log_level="WARNING")
     launched = [o for o in outcomes if o.run_id]
     failed = [o for o in launched if not o.success]
     with session_scope(engine) as session:
@@ -230,5 +234,5 @@ def run(root: Path, reset: bool = False) -> int:
         f"{time.monotonic() - seeded_at:.1f} s, total {time.monotonic() - started:.1f} s"
     )
     for outcome in failed:
-        print(f"FAILED: {outcome.partition_key} run {outcome.run_id}")
+        print(f"FAILED: {outcome.partition_key} run {outcome.run_id} (see `make ui`)")
     return 1 if failed else 0

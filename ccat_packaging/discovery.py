@@ -42,8 +42,7 @@ class GroupKey:
 
     def __str__(self) -> str:
         return (
-            f"{self.location_slug}__eou{self.executed_obs_unit_id}"
-            f"__mod{self.instrument_module_id}"
+            f"{self.location_slug}__eou{self.executed_obs_unit_id}__mod{self.instrument_module_id}"
         )
 
     @classmethod

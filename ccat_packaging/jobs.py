@@ -18,7 +18,8 @@ from ccat_packaging.errors import PackagingError
 from ccat_packaging.registration import complete, mark_in_progress, record_checksum
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
 
-file_groups = dg.DynamicPartitionsDefinition(name="raw_data_file_groups")
+FILE_GROUPS = "raw_data_file_groups"
+file_groups = dg.DynamicPartitionsDefinition(name=FILE_GROUPS)
 
 PACKAGES_ASSET = dg.AssetKey("raw_data_packages")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import dagster as dg
 from dagster._core.storage.dagster_run import RunsFilter
 
-from ccat_packaging.jobs import file_groups, package_job
+from ccat_packaging.jobs import FILE_GROUPS, package_job
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,10 @@ class RunOutcome:
 
 
 def tick_and_run(
-    definitions: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 1000
+    definitions: dg.Definitions,
+    instance: dg.DagsterInstance,
+    log_level: str = "INFO",
+    max_ticks: int = 1000,
 ) -> list[RunOutcome]:
     job = definitions.resolve_job_def(package_job.name)
     outcomes: list[RunOutcome] = []
@@ -45,25 +48,28 @@ def tick_and_run(
                 break
             cursor = result.cursor
             keys = [r.partition_key for r in result.run_requests if r.partition_key]
-            instance.add_dynamic_partitions(file_groups.name, keys)
+            instance.add_dynamic_partitions(FILE_GROUPS, keys)
             for request in result.run_requests:
-                outcomes.append(_launch(job, instance, sensor.name, request))
+                outcomes.append(_launch(job, instance, sensor.name, request, log_level))
     return outcomes
 
 
 def _launch(
-    job: dg.JobDefinition, instance: dg.DagsterInstance, sensor: str, request: dg.RunRequest
+    job: dg.JobDefinition,
+    instance: dg.DagsterInstance,
+    sensor: str,
+    request: dg.RunRequest,
+    log_level: str,
 ) -> RunOutcome:
     key = request.partition_key or ""
     tags = {"dagster/sensor_name": sensor, "dagster/run_key": request.run_key or ""}
-    if request.run_key and instance.get_run_records(
-        RunsFilter(tags=tags), limit=1
-    ):
+    if request.run_key and instance.get_run_records(RunsFilter(tags=tags), limit=1):
         return RunOutcome(sensor, key, None, True, skipped_reason="run key already used")
     result = job.execute_in_process(
         instance=instance,
         partition_key=key,
         tags={**request.tags, **tags},
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         raise_on_error=False,
     )
     return RunOutcome(sensor, key, result.run_id, result.success)

@@ -37,9 +37,7 @@ def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefini
         ),
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
-    def _sensor(
-        context: dg.SensorEvaluationContext, ops_db: OpsDatabase
-    ) -> dg.SensorResult:
+    def _sensor(context: dg.SensorEvaluationContext, ops_db: OpsDatabase) -> dg.SensorResult:
         cursor = SensorCursor.parse(context.cursor)
         with ops_db.session() as session:
             row = session.get(DataLocation, location.id)

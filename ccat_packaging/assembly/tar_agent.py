@@ -237,6 +237,8 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     if not os.path.isdir(source_root):
         raise AgentError("io", f"source root {source_root!r} does not exist or is not a directory")
     root_real = os.path.realpath(source_root)
+    for relative, filed_size in members:  # refuse bad input before anything is written
+        os.close(_open_member(root_real, relative, filed_size)[0])
     dest_dir = _ensure_dir(spec["dest_root"], os.path.dirname(dest_relative))
     base = os.path.basename(dest_relative)
     need = predicted_size(members)

@@ -1,0 +1,29 @@
+"""Running the real sensors and job of the code location inside tests."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ccat_packaging.definitions import defs
+from ccat_packaging.jobs import FILE_GROUPS, package_job
+from ccat_packaging.resources import OpsDatabase
+
+
+def evaluate_sensor(
+    name: str, instance: dg.DagsterInstance, url: str, cursor: str | None = None
+) -> dg.SensorResult:
+    """One tick of the named sensor, exactly as the code location defines it."""
+    sensor = defs().resolve_sensor_def(name)
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"ops_db": OpsDatabase(url=url)}
+    ) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def run_partition(instance: dg.DagsterInstance, key: str) -> dg.ExecuteInProcessResult:
+    """The packaging job for one file group, as a sensor run or a backfill would start it."""
+    instance.add_dynamic_partitions(FILE_GROUPS, [key])
+    job = defs().resolve_job_def(package_job.name)
+    return job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)

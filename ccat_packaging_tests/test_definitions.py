@@ -1,0 +1,49 @@
+"""The code location loads from the database and shows what operators expect."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from ccat_packaging.definitions import defs
+from ccat_packaging.errors import ConfigurationError
+from ccat_packaging.jobs import package_job
+from ccat_packaging.models import LocationType
+
+
+def test_definitions_load_with_one_sensor_per_active_source_location(world) -> None:
+    site = world.site()
+    world.location(site, "primecam_raw_data", LocationType.SOURCE)
+    world.location(site, "chai-raw-data", LocationType.SOURCE)
+    world.location(site, "retired", LocationType.SOURCE, active=False)
+    world.location(site, "ccat_buffer", LocationType.BUFFER)
+    definitions = defs()
+    dg.Definitions.validate_loadable(definitions)
+    assert sorted(s.name for s in definitions.sensors or []) == [
+        "package_chai_raw_data_sensor",
+        "package_primecam_raw_data_sensor",
+    ]
+    job = definitions.resolve_job_def(package_job.name)
+    assert [n.name for n in job.graph.nodes_in_topological_order] == [
+        "create_package_record",
+        "assemble_tar",
+        "checksum",
+        "register_at_buffer",
+    ]
+    assert job.partitions_def is not None
+
+
+def test_the_database_url_is_never_shown_in_resource_config(world) -> None:
+    world.location(world.site(), "src", LocationType.SOURCE)
+    # Bound through EnvVar: the UI shows the variable's name, not the URL.
+    ops_db = (defs().resources or {})["ops_db"]
+    assert "postgresql" not in repr(ops_db.url)
+
+
+def test_an_unreachable_database_is_a_clear_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "CCAT_OPS_DB_URL", "postgresql+psycopg2://postgres:s3cret@127.0.0.1:1/nowhere"
+    )
+    with pytest.raises(ConfigurationError, match="cannot read SOURCE locations") as info:
+        defs()
+    assert "s3cret" not in str(info.value)

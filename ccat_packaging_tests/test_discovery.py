@@ -1,0 +1,126 @@
+"""Discovery rules as plain Python: group keys, buffer selection, the sensor's cursor."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+
+from ccat_packaging.discovery import (
+    GroupKey,
+    SensorCursor,
+    location_slug,
+    plan_tick,
+    primary_buffer,
+    source_locations,
+)
+from ccat_packaging.errors import ConfigurationError, NoActiveBufferError
+from ccat_packaging.models import DataLocation, LocationType, RawDataFile
+
+SOURCE, BUFFER = LocationType.SOURCE, LocationType.BUFFER
+
+
+def test_group_key_round_trip_and_rejects_garbage() -> None:
+    key = GroupKey("primecam_raw", 42, 7)
+    assert str(key) == "primecam_raw__eou42__mod7"
+    assert GroupKey.parse(str(key)) == key
+    for bad in ["", "x", "a__eou1", "a b__eou1__mod2", "a__eou1__mod2; rm -rf /", "a__eoux__mod1"]:
+        with pytest.raises(ConfigurationError):
+            GroupKey.parse(bad)
+
+
+def test_location_slug_is_a_valid_dagster_name() -> None:
+    assert location_slug("primecam-raw data.1") == "primecam_raw_data_1"
+    with pytest.raises(ConfigurationError):
+        location_slug("---")
+
+
+def test_primary_buffer_is_lowest_priority_number_then_lowest_id(world) -> None:
+    site = world.site()
+    world.location(site, "b_prio2", BUFFER, priority=2)
+    first_p1 = world.location(site, "b_prio1_a", BUFFER, priority=1)
+    world.location(site, "b_prio1_b", BUFFER, priority=1)
+    world.location(site, "b_inactive_p0", BUFFER, priority=0, active=False)
+    other_site = world.site("cologne")
+    world.location(other_site, "cologne_b", BUFFER, priority=0)
+    with world.session() as s:
+        assert primary_buffer(s, site).id == first_p1
+        s.execute(update(DataLocation).where(DataLocation.id == first_p1).values(active=False))
+        assert primary_buffer(s, site).name == "b_prio1_b"
+
+
+def test_no_active_buffer_is_an_error_naming_the_site(world) -> None:
+    site = world.site()
+    world.location(site, "src", SOURCE)
+    world.location(site, "off", BUFFER, active=False)
+    with world.session() as s, pytest.raises(NoActiveBufferError, match="no active BUFFER"):
+        primary_buffer(s, site)
+
+
+def test_source_locations_refuse_colliding_sensor_names(world) -> None:
+    site = world.site()
+    world.location(site, "prime-cam", SOURCE)
+    world.location(site, "inactive", SOURCE, active=False)
+    world.location(site, "buf", BUFFER)
+    with world.session() as s:
+        assert [r.name for r in source_locations(s)] == ["prime-cam"]
+    world.location(site, "prime_cam", SOURCE)
+    with world.session() as s, pytest.raises(ConfigurationError, match="same sensor name"):
+        source_locations(s)
+
+
+def _file_at(world, group, path: str, filed_at: datetime) -> None:
+    file_id = world.file(group, path, b"x")
+    with world.session() as s:
+        s.execute(update(RawDataFile).where(RawDataFile.id == file_id).values(created_at=filed_at))
+
+
+def test_tick_pages_through_groups_without_repeats_or_gaps_even_on_ties(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", SOURCE)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    groups = [world.group(src) for _ in range(5)]
+    # Three groups share one filing time: a page boundary falls inside the tie.
+    times = [
+        t0,
+        t0 + timedelta(seconds=1),
+        t0 + timedelta(seconds=1),
+        t0 + timedelta(seconds=1),
+        t0 + timedelta(seconds=2),
+    ]
+    for g, t in zip(groups, times, strict=True):
+        _file_at(world, g, f"e{g.eou_id}/a.dat", t)
+    cursor, now, seen = SensorCursor(), 1000.0, []
+    with world.session() as s:
+        for _ in range(5):
+            tick = plan_tick(s, src, cursor, now=now, limit=2, rescan_seconds=600)
+            seen += [g.key.executed_obs_unit_id for g in tick.groups]
+            cursor = SensorCursor.parse(tick.cursor.serialize())
+            now += 1
+    assert sorted(seen) == sorted(g.eou_id for g in groups)
+    assert len(seen) == len(set(seen))
+    # A late file in an old group moves that group past the cursor: requested again.
+    _file_at(world, groups[0], f"e{groups[0].eou_id}/late.dat", t0 + timedelta(seconds=3))
+    with world.session() as s:
+        tick = plan_tick(s, src, cursor, now=now, limit=2, rescan_seconds=600)
+    assert [g.key.executed_obs_unit_id for g in tick.groups] == [groups[0].eou_id]
+    assert tick.groups[0].file_count == 2
+
+
+def test_rescan_starts_over_to_catch_late_commits(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", SOURCE)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    g_new, g_old = world.group(src), world.group(src)
+    _file_at(world, g_new, "new.dat", t0 + timedelta(hours=1))
+    with world.session() as s:
+        first = plan_tick(s, src, SensorCursor(), now=0.0, limit=10, rescan_seconds=600)
+    # A file filed earlier than the cursor but committed only now is invisible until the rescan.
+    _file_at(world, g_old, "old.dat", t0)
+    with world.session() as s:
+        quiet = plan_tick(s, src, first.cursor, now=10.0, limit=10, rescan_seconds=600)
+        rescan = plan_tick(s, src, first.cursor, now=601.0, limit=10, rescan_seconds=600)
+    assert quiet.groups == [] and not quiet.rescanned
+    assert rescan.rescanned
+    assert {g.key.executed_obs_unit_id for g in rescan.groups} == {g_old.eou_id, g_new.eou_id}

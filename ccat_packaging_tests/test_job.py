@@ -1,0 +1,135 @@
+"""The packaging job end to end through Dagster, on PostgreSQL and on the SQLite default."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import dagster as dg
+from sqlalchemy import select
+
+from ccat_packaging.models import (
+    LocationType,
+    PhysicalCopyStatus,
+    RawDataFile,
+    RawDataPackage,
+    RawDataPackagePhysicalCopy,
+    Status,
+)
+from ccat_packaging_tests.dagster_helpers import run_partition
+
+FILES = [
+    "scan_00/frame_000.fits",
+    "scan_00/frame_001.fits",
+    "scan_01/nested/deeper/frame_002.fits",
+    "housekeeping.log",
+    "with space & ünïcode/frame (3).fits",
+]
+
+
+def _packages(world) -> list[RawDataPackage]:
+    with world.session() as s:
+        return list(s.scalars(select(RawDataPackage).order_by(RawDataPackage.part)))
+
+
+def _setup(world):
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    buf = world.location(site, "buf", LocationType.BUFFER)
+    world.location(site, "spare", LocationType.BUFFER, priority=5)
+    group = world.group(src)
+    contents = {name: world.file_bytes(group, name) for name in FILES}
+    return group, buf, contents
+
+
+def test_job_builds_a_tar_of_exactly_the_group_with_an_independent_sha256(any_world) -> None:
+    world = any_world
+    group, buf, contents = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+        assert result.success
+        materializations = instance.fetch_materializations(
+            dg.AssetKey("raw_data_packages"), limit=10
+        ).records
+    [package] = _packages(world)
+    tar_path = world.root(buf) / package.relative_path
+    assert package.status == Status.COMPLETED
+    assert package.size == tar_path.stat().st_size
+    assert package.checksum_algorithm == "sha256"
+    assert package.checksum == hashlib.sha256(tar_path.read_bytes()).hexdigest()
+    with tarfile.open(tar_path) as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive}  # type: ignore[union-attr]
+    assert members == contents
+    with world.session() as s:
+        copies = s.scalars(select(RawDataPackagePhysicalCopy)).all()
+        assert [(c.data_location_id, c.status) for c in copies] == [
+            (buf, PhysicalCopyStatus.PRESENT)
+        ]
+        assert {f.raw_data_package_id for f in s.scalars(select(RawDataFile))} == {package.id}
+    # No temporary file is left next to the published archive.
+    assert sorted(p.name for p in tar_path.parent.iterdir()) == [
+        f".{tar_path.name}.lock",
+        tar_path.name,
+    ]
+    assert [m.partition_key for m in materializations] == [key]
+    metadata = result.output_for_node("checksum")
+    assert metadata.checksum == package.checksum
+
+
+def test_rerunning_a_packaged_group_changes_nothing(world) -> None:
+    group, _, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, key).success
+        before = [(p.id, p.checksum, p.updated_at) for p in _packages(world)]
+        again = run_partition(instance, key)
+        assert again.success
+        skipped = [
+            e.step_key for e in again.all_events if e.event_type == dg.DagsterEventType.STEP_SKIPPED
+        ]
+    assert [(p.id, p.checksum, p.updated_at) for p in _packages(world)] == before
+    assert skipped == ["assemble_tar", "checksum", "register_at_buffer"]
+
+
+def test_late_files_go_into_a_new_part_and_the_first_is_untouched(world) -> None:
+    group, buf, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, key).success
+        first = _packages(world)[0]
+        first_bytes = (world.root(buf) / first.relative_path).read_bytes()
+        world.file(group, "late/frame_999.fits")
+        assert run_partition(instance, key).success
+    part1, part2 = _packages(world)
+    assert (part1.checksum, part1.part, part2.part) == (first.checksum, 1, 2)
+    assert (world.root(buf) / part1.relative_path).read_bytes() == first_bytes
+    with tarfile.open(world.root(buf) / part2.relative_path) as archive:
+        assert archive.getnames() == ["late/frame_999.fits"]
+
+
+def test_no_active_buffer_fails_the_run_with_the_reason_and_claims_nothing(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    group = world.group(src)
+    world.file(group, "a.dat")
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}")
+    assert not result.success
+    failure = result.get_step_failure_events()[0]
+    assert "NoActiveBufferError" in str(failure.step_failure_data.error)
+    assert _packages(world) == []
+    with world.session() as s:
+        assert [f.raw_data_package_id for f in s.scalars(select(RawDataFile))] == [None]
+
+
+def test_a_missing_source_file_fails_without_publishing(world, tmp_path: Path) -> None:
+    group, buf, _ = _setup(world)
+    (world.root(group.location_id) / FILES[1]).unlink()
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}")
+    assert not result.success
+    message = str(result.get_step_failure_events()[0].step_failure_data.error)
+    assert "SourceFileError" in message and FILES[1] in message
+    assert [p for p in world.root(buf).rglob("*") if p.is_file() and ".lock" not in p.name] == []

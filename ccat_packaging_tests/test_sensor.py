@@ -1,0 +1,70 @@
+"""Each location's sensor: one request per unpackaged group, nothing for packaged files."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from ccat_packaging.errors import NoActiveBufferError
+from ccat_packaging.models import LocationType
+from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
+
+
+def _site_with_groups(world, n_groups: int = 3):
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    other = world.location(site, "other", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    groups = [world.group(src) for _ in range(n_groups)]
+    for g in groups:
+        for i in range(2):
+            world.file(g, f"eou{g.eou_id}/f{i}.dat")
+    world.file(world.group(other), "elsewhere.dat")  # another location's sensor handles it
+    return groups
+
+
+def test_one_request_per_group_with_partition_keys_and_partitions(world) -> None:
+    groups = _site_with_groups(world)
+    with dg.instance_for_test() as instance:
+        result = evaluate_sensor("package_src_sensor", instance, world.url)
+    keys = [f"src__eou{g.eou_id}__mod{g.module_id}" for g in groups]
+    assert [r.partition_key for r in result.run_requests or []] == keys
+    assert len({r.run_key for r in result.run_requests or []}) == len(keys)
+    assert result.dynamic_partitions_requests is not None
+    added = result.dynamic_partitions_requests[0]
+    assert isinstance(added, dg.AddDynamicPartitionsRequest)
+    assert list(added.partition_keys) == keys
+    assert {r.tags["ccat/buffer_location"] for r in result.run_requests or []} == {"buf"}
+    assert {r.tags["ccat/files"] for r in result.run_requests or []} == {"2"}
+
+
+def test_nothing_is_requested_for_packaged_files_and_late_files_get_a_new_run_key(world) -> None:
+    groups = _site_with_groups(world, n_groups=2)
+    with dg.instance_for_test() as instance:
+        first = evaluate_sensor("package_src_sensor", instance, world.url)
+        for request in first.run_requests or []:
+            assert run_partition(instance, str(request.partition_key)).success
+        after = evaluate_sensor("package_src_sensor", instance, world.url)
+        assert not after.run_requests
+        assert "no new unpackaged files" in str(after.skip_reason)
+        # Even a full rescan (fresh cursor) finds nothing: the files are claimed.
+        assert not evaluate_sensor("package_src_sensor", instance, world.url).run_requests
+        world.file(groups[0], "late.dat")
+        late = evaluate_sensor("package_src_sensor", instance, world.url, cursor=after.cursor)
+    assert [r.partition_key for r in late.run_requests or []] == [
+        f"src__eou{groups[0].eou_id}__mod{groups[0].module_id}"
+    ]
+    first_keys = {r.run_key for r in first.run_requests or []}
+    assert (late.run_requests or [])[0].run_key not in first_keys
+
+
+def test_a_site_without_an_active_buffer_fails_the_tick_visibly(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER, active=False)
+    world.file(world.group(src), "a.dat")
+    with (
+        dg.instance_for_test() as instance,
+        pytest.raises(NoActiveBufferError, match="no active BUFFER"),
+    ):
+        evaluate_sensor("package_src_sensor", instance, world.url)

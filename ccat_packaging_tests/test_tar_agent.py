@@ -1,0 +1,165 @@
+"""The assembler on its own: exact size prediction, determinism, refusal of unsafe input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ccat_packaging.assembly import tar_agent
+from ccat_packaging.assembly.tar_agent import AgentError
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> list[list[object]]:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return [[name, len(data)] for name, data in files.items()]
+
+
+def _build(src: Path, dest: Path, members: list[list[object]], rel: str = "p/pkg.tar") -> dict:
+    return tar_agent.run_command(
+        "build",
+        {"source_root": str(src), "members": members, "dest_root": str(dest), "dest_relative": rel},
+    )
+
+
+NAMES = {
+    "a.dat": b"",
+    "dir/b.dat": os.urandom(511),
+    "dir/sub/c.dat": os.urandom(512),
+    "d" * 99 + ".x": os.urandom(513),  # 101 bytes: needs a GNU long-name header
+    "e/" + "f" * 150: os.urandom(100_000),
+    "g/" + "h" * 200 + "/" + "i" * 200: os.urandom(10),
+}
+
+
+def test_written_size_is_predicted_exactly_and_checksum_is_of_the_bytes(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, NAMES)
+    result = _build(src, dest, members)
+    data = Path(result["temp_path"]).read_bytes()
+    assert (
+        len(data)
+        == result["size"]
+        == tar_agent.predicted_size(
+            [(str(n), int(s)) for n, s in members]  # type: ignore[call-overload]
+        )
+    )
+    assert result["checksum"] == hashlib.sha256(data).hexdigest()
+    with tarfile.open(result["temp_path"]) as archive:
+        assert [(m.name, m.size) for m in archive] == [tuple(m) for m in members]
+        for name, content in NAMES.items():
+            extracted = archive.extractfile(name)
+            assert extracted is not None and extracted.read() == content
+
+
+def test_same_input_gives_same_bytes_and_replaces_stale_partials(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    members = _tree(src, {"x/1.dat": os.urandom(5000), "x/2.dat": os.urandom(70000)})
+    (dest / "p").mkdir(parents=True)
+    stale = dest / "p" / ".pkg.tar.partial.crashed"
+    stale.write_bytes(b"half")
+    first = _build(src, dest, members)
+    assert not stale.exists()
+    second = _build(src, dest, members)
+    assert first["checksum"] == second["checksum"]
+    assert not Path(first["temp_path"]).exists()  # the second build cleared it
+    assert Path(second["temp_path"]).read_bytes() == Path(second["temp_path"]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "bad", ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "", "a\0b"]
+)
+def test_unsafe_relative_paths_are_refused_before_anything_is_written(
+    tmp_path: Path, bad: str
+) -> None:
+    (tmp_path / "buf").mkdir()
+    with pytest.raises(AgentError) as info:
+        _build(tmp_path, tmp_path / "buf", [[bad, 1]])
+    assert info.value.kind == "unsafe_path"
+    assert list((tmp_path / "buf").iterdir()) == []
+
+
+def test_symlinks_out_of_the_root_are_refused(tmp_path: Path) -> None:
+    src, dest, outside = tmp_path / "src", tmp_path / "buf", tmp_path / "secret"
+    outside.mkdir()
+    (outside / "key").write_bytes(b"secret")
+    src.mkdir()
+    dest.mkdir()
+    (src / "link.dat").symlink_to(outside / "key")
+    (src / "dirlink").symlink_to(outside)
+    for name in ("link.dat", "dirlink/key"):
+        with pytest.raises(AgentError) as info:
+            _build(src, dest, [[name, 6]])
+        assert info.value.kind == "unsafe_path", name
+    assert list(dest.rglob("*.tar*")) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "grown", "directory"])
+def test_changed_or_missing_source_files_fail_and_leave_nothing(tmp_path: Path, case: str) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"ok.dat": b"fine", "bad.dat": b"12345"})
+    if case == "missing":
+        (src / "bad.dat").unlink()
+    elif case == "grown":
+        (src / "bad.dat").write_bytes(b"123456")
+    else:
+        (src / "bad.dat").unlink()
+        (src / "bad.dat").mkdir()
+    with pytest.raises(AgentError, match=r"bad\.dat") as info:
+        _build(src, dest, members)
+    assert info.value.kind == "source_file"
+    assert [p.name for p in dest.rglob("*") if p.is_file() and "lock" not in p.name] == []
+
+
+def test_verify_catches_truncation_at_a_member_boundary(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": os.urandom(1024), "b.dat": os.urandom(1024)})
+    built = _build(src, dest, members)
+    tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+    with open(built["temp_path"], "r+b") as handle:  # cut after a's data: tar -tf still lists it
+        handle.truncate(512 + 1024)
+    with pytest.raises(AgentError, match="expected") as info:
+        tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+    assert info.value.kind == "verification"
+
+
+def test_verify_catches_a_member_list_that_differs(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": b"1" * 100, "b.dat": b"2" * 100})
+    built = _build(src, dest, members)
+    renamed = [["a.dat", 100], ["c.dat", 100]]
+    with pytest.raises(AgentError, match="members differ"):
+        tar_agent.run_command("verify", {"path": built["temp_path"], "members": renamed})
+
+
+def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: Path) -> None:
+    src = tmp_path / "src"
+    members = _tree(src, {"a.dat": os.urandom(3 << 20)})
+    with pytest.raises(AgentError, match="not enough space") as info:
+        _build(src, small_disk, members)
+    assert info.value.kind == "no_space"
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == [".pkg.tar.lock"]
+
+
+def test_publish_renames_atomically_into_place(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": b"abc"})
+    built = _build(src, dest, members)
+    out = tar_agent.run_command(
+        "publish",
+        {"temp_path": built["temp_path"], "dest_root": str(dest), "dest_relative": "p/pkg.tar"},
+    )
+    assert out["path"] == str(dest / "p" / "pkg.tar")
+    assert hashlib.sha256((dest / "p" / "pkg.tar").read_bytes()).hexdigest() == built["checksum"]
+    assert sorted(p.name for p in (dest / "p").iterdir()) == [".pkg.tar.lock", "pkg.tar"]
