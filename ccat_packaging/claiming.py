@@ -3,7 +3,9 @@
 A file is claimed by a conditional ``UPDATE ... WHERE raw_data_package_id IS NULL``: whatever
 runs concurrently, the database lets exactly one package have each file. An unfinished package
 of the group (from a crashed or retried run) is resumed before any new part is started, so
-re-running a group converges instead of multiplying packages.
+re-running a group converges instead of multiplying packages. A group larger than the size or
+member cap is split into deterministic numbered parts; files filed after a part was built go
+into a new part, so a completed package is never rewritten.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_packaging.discovery import GroupKey, primary_buffer, source_location_for
+from ccat_packaging.errors import ClaimConflictError
 from ccat_packaging.models import DiskDataLocation, RawDataFile, RawDataPackage, Status
 
 UNFINISHED = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
@@ -65,19 +68,60 @@ def package_relative_path(key: GroupKey, part: int) -> str:
     return f"{key.location_slug}/eou{key.executed_obs_unit_id}/{package_name(key, part)}.tar"
 
 
-def claim_package(session: Session, key: GroupKey) -> PackagePlan | None:
-    """The package to build next for this group, or None when every file is packaged.
+@dataclass(frozen=True)
+class PackageLimits:
+    max_bytes: int
+    max_files: int
+
+
+def path_order(path: str) -> bytes:
+    """Member order is by the bytes of the path, not a database collation, so the archive is
+    the same whichever database or locale produced the list."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def split_into_parts(
+    files: list[tuple[str, int]], limits: PackageLimits
+) -> list[list[tuple[str, int]]]:
+    """Deterministic parts: files in path order, each part filled up to the caps.
+
+    A single file above the byte cap gets a part of its own (a file is never split).
+    """
+    parts: list[list[tuple[str, int]]] = []
+    current: list[tuple[str, int]] = []
+    current_bytes = 0
+    for path, size in sorted(files, key=lambda f: path_order(f[0])):
+        if current and (
+            current_bytes + size > limits.max_bytes or len(current) >= limits.max_files
+        ):
+            parts.append(current)
+            current, current_bytes = [], 0
+        current.append((path, size))
+        current_bytes += size
+    if current:
+        parts.append(current)
+    return parts
+
+
+def claim_packages(session: Session, key: GroupKey, limits: PackageLimits) -> list[PackagePlan]:
+    """Every package this group needs built now: unfinished ones first (a crashed or
+    interrupted run's), then new parts holding the group's unclaimed files.
 
     Raises NoActiveBufferError before claiming anything when the site has no buffer.
+    Completed and failed packages are left alone: completed ones are never rebuilt, failed
+    ones wait for an operator to requeue them.
     """
     source = source_location_for(session, key)
     buffer = primary_buffer(session, source.site_id)
-    package = _unfinished_package(session, key, source.id)
-    if package is None:
-        package = _new_package(session, key, source.id)
-        if package is None:
-            return None
-    return plan_for(session, package, key, source, buffer)
+    packages = list(
+        session.scalars(
+            select(RawDataPackage)
+            .where(*_group_filter(key, source.id), RawDataPackage.status.in_(UNFINISHED))
+            .order_by(RawDataPackage.part)
+        )
+    )
+    packages += _new_parts(session, key, source.id, limits)
+    return [plan_for(session, package, key, source, buffer) for package in packages]
 
 
 def plan_for(
@@ -92,13 +136,7 @@ def plan_for(
             RawDataFile.raw_data_package_id == package.id
         )
     ).all()
-    # Member order is by the bytes of the path, not the database collation, so the archive
-    # is the same whichever database or locale produced the list.
-    members = tuple(
-        sorted(
-            ((p, int(s)) for p, s in rows), key=lambda m: m[0].encode("utf-8", "surrogateescape")
-        )
-    )
+    members = tuple(sorted(((p, int(s)) for p, s in rows), key=lambda m: path_order(m[0])))
     return PackagePlan(
         package_id=package.id,
         name=package.name,
@@ -119,24 +157,36 @@ def _group_filter(key: GroupKey, location_id: int) -> tuple[ColumnElement[bool],
     )
 
 
-def _unfinished_package(session: Session, key: GroupKey, location_id: int) -> RawDataPackage | None:
-    return session.scalars(
-        select(RawDataPackage)
-        .where(*_group_filter(key, location_id), RawDataPackage.status.in_(UNFINISHED))
-        .order_by(RawDataPackage.part)
-        .limit(1)
-    ).first()
+def _new_parts(
+    session: Session, key: GroupKey, location_id: int, limits: PackageLimits
+) -> list[RawDataPackage]:
+    """Claim the group's unclaimed files into new numbered parts.
 
-
-def _new_package(
-    session: Session, key: GroupKey, location_id: int, attempts: int = 5
-) -> RawDataPackage | None:
-    """Insert the group's next part and claim its unclaimed files; None if there are none."""
-    for _ in range(attempts):
-        last_part = session.scalar(
-            select(func.max(RawDataPackage.part)).where(*_group_filter(key, location_id))
+    ``FOR UPDATE`` makes a concurrent claimer of the same group wait on PostgreSQL and then
+    see the files as claimed; the conditional UPDATE is the guarantee on every backend: if it
+    claims fewer rows than selected, another claimer won and this transaction gives up.
+    """
+    unclaimed = session.execute(
+        select(RawDataFile.id, RawDataFile.relative_path, RawDataFile.size)
+        .where(
+            RawDataFile.source_location_id == location_id,
+            RawDataFile.executed_obs_unit_id == key.executed_obs_unit_id,
+            RawDataFile.instrument_module_id == key.instrument_module_id,
+            RawDataFile.raw_data_package_id.is_(None),
         )
-        part = (last_part or 0) + 1
+        .with_for_update()
+    ).all()
+    if not unclaimed:
+        return []
+    ids_by_path = {path: file_id for file_id, path, _ in unclaimed}
+    last_part = session.scalar(
+        select(func.max(RawDataPackage.part)).where(*_group_filter(key, location_id))
+    )
+    created = []
+    for offset, files in enumerate(
+        split_into_parts([(p, int(s)) for _, p, s in unclaimed], limits), start=1
+    ):
+        part = (last_part or 0) + offset
         package = RawDataPackage(
             name=package_name(key, part),
             relative_path=package_relative_path(key, part),
@@ -149,24 +199,20 @@ def _new_package(
         try:
             with session.begin_nested():
                 session.add(package)
-                session.flush()
         except IntegrityError:
-            continue  # another run took this part number a moment ago; take the next
+            raise ClaimConflictError(
+                f"{key}: part {part} was created by another run at the same moment"
+            ) from None
+        ids = [ids_by_path[path] for path, _ in files]
         result = session.execute(
             update(RawDataFile)
-            .where(
-                RawDataFile.source_location_id == location_id,
-                RawDataFile.executed_obs_unit_id == key.executed_obs_unit_id,
-                RawDataFile.instrument_module_id == key.instrument_module_id,
-                RawDataFile.raw_data_package_id.is_(None),
-            )
+            .where(RawDataFile.id.in_(ids), RawDataFile.raw_data_package_id.is_(None))
             .values(raw_data_package_id=package.id)
             .execution_options(synchronize_session=False)
         )
-        claimed = cast(CursorResult[Any], result).rowcount
-        if claimed == 0:
-            session.delete(package)
-            session.flush()
-            return None
-        return package
-    raise RuntimeError(f"could not allocate a part number for {key} in {attempts} attempts")
+        if cast(CursorResult[Any], result).rowcount != len(ids):
+            raise ClaimConflictError(
+                f"{key}: another run claimed some of these files at the same moment"
+            )
+        created.append(package)
+    return created

@@ -20,7 +20,9 @@ from ccat_packaging.models import (
     DiskDataLocation,
     LocationType,
     RawDataFile,
-    StorageType,
+    RawDataPackage,
+    Site,
+    Status,
 )
 
 _KEY = re.compile(r"^(?P<slug>[A-Za-z0-9_]+)__eou(?P<eou>\d+)__mod(?P<mod>\d+)$")
@@ -147,8 +149,8 @@ def unpackaged_groups(
     ]
 
 
-def primary_buffer(session: Session, site_id: int) -> DiskDataLocation:
-    """The site's active BUFFER with the lowest priority number (ties: lowest id).
+def buffer_candidates(session: Session, site_id: int) -> list[DiskDataLocation]:
+    """The site's active BUFFERs, preferred first: lowest priority number, ties by lowest id.
 
     No active buffer is a configuration error, never a reason to skip quietly.
     """
@@ -162,16 +164,19 @@ def primary_buffer(session: Session, site_id: int) -> DiskDataLocation:
         .order_by(DataLocation.priority, DataLocation.id)
     ).all()
     if not buffers:
+        site = session.get_one(Site, site_id)
         raise NoActiveBufferError(
-            f"site id {site_id} has no active BUFFER location; add one or activate one"
+            f"site {site.short_name!r} has no active BUFFER location; add or activate one"
         )
-    best = buffers[0]
-    if best.storage_type != StorageType.DISK or not isinstance(best, DiskDataLocation):
-        raise ConfigurationError(
-            f"primary buffer {best.name!r} has storage type {best.storage_type}; "
-            "packages are written to disk buffers only"
-        )
-    return best
+    disk = [b for b in buffers if isinstance(b, DiskDataLocation)]
+    if len(disk) != len(buffers):
+        odd = ", ".join(f"{b.name} ({b.storage_type})" for b in buffers if b not in disk)
+        raise ConfigurationError(f"packages are written to disk buffers only; not to {odd}")
+    return disk
+
+
+def primary_buffer(session: Session, site_id: int) -> DiskDataLocation:
+    return buffer_candidates(session, site_id)[0]
 
 
 def _aware(value: datetime) -> datetime:
@@ -241,3 +246,32 @@ def plan_tick(
     if newest == since:
         at_newest |= seen
     return TickPlan(groups, SensorCursor(newest, tuple(sorted(at_newest)), rescan_at), rescan)
+
+
+@dataclass(frozen=True)
+class StalePackage:
+    key: GroupKey
+    package_id: int
+    heartbeat_at: datetime
+
+
+def stale_packages(session: Session, location_id: int, older_than: datetime) -> list[StalePackage]:
+    """Unfinished packages whose heartbeat stopped: their run died (kill -9, reboot) or
+    never started after the files were claimed. Their group needs a run to resume them."""
+    location = session.get_one(DataLocation, location_id)
+    slug = location_slug(location.name)
+    rows = session.execute(
+        select(
+            RawDataPackage.id,
+            RawDataPackage.executed_obs_unit_id,
+            RawDataPackage.instrument_module_id,
+            RawDataPackage.updated_at,
+        )
+        .where(
+            RawDataPackage.source_location_id == location_id,
+            RawDataPackage.status.in_([Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS]),
+            RawDataPackage.updated_at < older_than,
+        )
+        .order_by(RawDataPackage.updated_at)
+    ).all()
+    return [StalePackage(GroupKey(slug, eou, mod), pid, _aware(at)) for pid, eou, mod, at in rows]

@@ -18,6 +18,22 @@ class RetryableError(PackagingError):
     retryable = True
 
 
+class ClaimConflictError(RetryableError):
+    """Another run claimed files of the same group concurrently; trying again resolves it."""
+
+
+class DatabaseUnavailableError(RetryableError):
+    """The operations database dropped or refused a connection."""
+
+
+class HostUnreachableError(RetryableError):
+    """A host could not be reached or the connection to it dropped."""
+
+    def __init__(self, message: str, host: str) -> None:
+        super().__init__(message)
+        self.host = host
+
+
 class ConfigurationError(PackagingError):
     """The operations database describes something packaging cannot work with."""
 
@@ -28,6 +44,10 @@ class NoActiveBufferError(ConfigurationError):
 
 class SourceFileError(PackagingError):
     """A source file is missing, changed since it was filed, or not a regular file."""
+
+
+class SourceNotReadyError(RetryableError):
+    """A source file is smaller on disk than filed: most likely still being written."""
 
 
 class UnsafePathError(PackagingError):

@@ -1,160 +1,293 @@
-"""The packaging job: four thin ops over the domain modules, partitioned by file group.
+"""The packaging job: thin ops over the domain modules, one run per file group.
 
 Ops take nothing but the partition key and the database, so a sensor run, a UI or CLI backfill
-and a re-execution all do the same thing. Errors that cannot heal by waiting are raised as
-``Failure(allow_retries=False)`` so the retry policy spends its attempts only on the others.
+and a re-execution all do the same thing. ``create_package_records`` fans out one branch per
+package of the group (a resumed unfinished one, new numbered parts); each branch assembles,
+checksums and registers its package. Every op is safe to run again: an op that finds its
+package already completed does nothing.
+
+Failures follow one policy (``_failure_policy``): retryable errors are retried up to
+``MAX_RETRIES`` times with exponential backoff and jitter, counted once each in the package's
+``retry_count``; then, and at once for any other error, the package is marked ``failed`` with
+the error class and message, unless another attempt completed it meanwhile.
 """
 
-from collections.abc import Iterator
+import dataclasses
+import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
+from ccat_packaging import settings
 from ccat_packaging.assembly import archive as assembly
 from ccat_packaging.assembly.archive import AssembledArchive
-from ccat_packaging.claiming import PackagePlan, claim_package
-from ccat_packaging.discovery import GroupKey
-from ccat_packaging.errors import PackagingError
-from ccat_packaging.registration import complete, mark_in_progress, record_checksum
+from ccat_packaging.assembly.hosts import HostRunner
+from ccat_packaging.claiming import Endpoint, PackageLimits, PackagePlan, claim_packages
+from ccat_packaging.discovery import GroupKey, buffer_candidates
+from ccat_packaging.errors import (
+    DatabaseUnavailableError,
+    HostUnreachableError,
+    InsufficientSpaceError,
+    PackagingError,
+)
+from ccat_packaging.models import DataLocation, RawDataPackage, Status
+from ccat_packaging.registration import (
+    acquire_lease,
+    complete,
+    heartbeat,
+    mark_failed,
+    record_checksum,
+    record_retry,
+)
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
 
 FILE_GROUPS = "raw_data_file_groups"
 file_groups = dg.DynamicPartitionsDefinition(name=FILE_GROUPS)
 
 PACKAGES_ASSET = dg.AssetKey("raw_data_packages")
+MAX_RETRIES = 3
 
-RETRY = dg.RetryPolicy(
-    max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-)
+
+@dataclass(frozen=True)
+class BuiltPackage:
+    """A package after assembly: ``plan.buffer`` is the buffer actually written to;
+    ``archive`` is None when an earlier attempt had already completed the package."""
+
+    plan: PackagePlan
+    archive: AssembledArchive | None
+
+
+def _classify(exc: Exception) -> PackagingError:
+    if isinstance(exc, PackagingError):
+        return exc
+    if isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        first_line = str(exc.orig or exc).strip().splitlines()[0]
+        return DatabaseUnavailableError(f"operations database unavailable: {first_line}")
+    return PackagingError(f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _backoff(retry_number: int) -> float:
+    base = settings.retry_base_seconds() * 2**retry_number
+    return base * random.uniform(0.5, 1.5)
 
 
 @contextmanager
-def _classified_errors() -> Iterator[None]:
-    """Let retryable errors reach the retry policy; fail at once on the rest."""
+def _failure_policy(
+    context: dg.OpExecutionContext, ops_db: OpsDatabase, package_id: int | None
+) -> Iterator[None]:
     try:
         yield
-    except PackagingError as exc:
+    except (dg.Failure, dg.RetryRequested):
+        raise
+    except Exception as raw:
+        exc = _classify(raw)
+        attempt = context.retry_number + 1
+        reason = f"{type(exc).__name__}: {exc}"
+        if exc.retryable and context.retry_number < MAX_RETRIES:
+            wait = _backoff(context.retry_number)
+            context.log.warning(f"attempt {attempt} failed ({reason}); retrying in {wait:.1f} s")
+            if package_id is not None:
+                _best_effort(
+                    context, ops_db, lambda s: record_retry(s, package_id, _owner(context), reason)
+                )
+            raise dg.RetryRequested(max_retries=MAX_RETRIES, seconds_to_wait=wait) from raw
         if exc.retryable:
-            raise
+            reason = f"gave up after {attempt} attempts: {reason}"
+        if package_id is not None:
+            _best_effort(
+                context, ops_db, lambda s: mark_failed(s, package_id, _owner(context), reason)
+            )
         raise dg.Failure(
-            description=f"{type(exc).__name__}: {exc}",
-            metadata={"error_class": type(exc).__name__},
+            description=reason,
+            metadata={
+                "error_class": type(exc).__name__,
+                "retryable": exc.retryable,
+                "attempts": attempt,
+            },
             allow_retries=False,
-        ) from exc
+        ) from raw
 
 
-@dg.op(
-    out=dg.Out(PackagePlan, is_required=False, description="the package to build, if any"),
-    retry_policy=RETRY,
-)
-def create_package_record(
+def _best_effort(
+    context: dg.OpExecutionContext, ops_db: OpsDatabase, write: Callable[[Session], object]
+) -> None:
+    """Record a failure; if the database itself is down, the stale sweep will find the package."""
+    try:
+        with ops_db.session() as session:
+            write(session)
+    except Exception as exc:
+        context.log.error(f"could not record the failure in the database: {_classify(exc)}")
+
+
+def _owner(context: dg.OpExecutionContext) -> str:
+    """The lease owner: the root run, so run retries and re-executions inherit the lease."""
+    return context.run.root_run_id or context.run_id
+
+
+def _limits() -> PackageLimits:
+    return PackageLimits(settings.package_max_bytes(), settings.package_max_files())
+
+
+@dg.op(out=dg.DynamicOut(PackagePlan, description="one per package to build"))
+def create_package_records(
     context: dg.OpExecutionContext, ops_db: OpsDatabase
-) -> Iterator[dg.Output[PackagePlan]]:
-    """Create (or resume) the group's package and claim its unpackaged files."""
+) -> Iterator[dg.DynamicOutput[PackagePlan]]:
+    """Resume the group's unfinished packages and claim its unpackaged files into new parts."""
     key = GroupKey.parse(context.partition_key)
-    with _classified_errors(), ops_db.session() as session:
-        plan = claim_package(session, key)
-    if plan is None:
+    with _failure_policy(context, ops_db, None), ops_db.session() as session:
+        plans = claim_packages(session, key, _limits())
+    if not plans:
         context.log.info(f"{key}: every filed file is already in a package; nothing to build")
-        return
-    yield dg.Output(
-        plan,
-        metadata={
-            "package": plan.name,
-            "package_id": plan.package_id,
-            "files": len(plan.members),
-            "bytes": plan.total_bytes,
-            "source_location": plan.source.location_name,
-            "source_host": plan.source.host,
-            "buffer_location": plan.buffer.location_name,
-        },
-    )
+    for plan in plans:
+        yield dg.DynamicOutput(
+            plan,
+            mapping_key=f"part{plan.part:03d}",
+            metadata={
+                "package": plan.name,
+                "package_id": plan.package_id,
+                "files": len(plan.members),
+                "bytes": plan.total_bytes,
+                "source_location": plan.source.location_name,
+                "source_host": plan.source.host,
+            },
+        )
 
 
-@dg.op(retry_policy=RETRY)
+@dg.op
 def assemble_tar(
     context: dg.OpExecutionContext,
     plan: PackagePlan,
     ops_db: OpsDatabase,
     assembly_hosts: AssemblyHosts,
-) -> AssembledArchive:
-    """Write the tar on the host that holds the files, hashing it in the same pass."""
-    with _classified_errors():
-        runner = assembly_hosts.runner_for(plan.source)
+) -> BuiltPackage:
+    """Write the tar on the host that holds the files, hashing it in the same pass, into the
+    first buffer (by priority) that can take it."""
+    with _failure_policy(context, ops_db, plan.package_id):
+        stale_before = datetime.now(UTC) - timedelta(seconds=settings.stale_after_seconds())
         with ops_db.session() as session:
-            mark_in_progress(session, plan.package_id)
-        built = assembly.assemble(runner, plan)
+            if not acquire_lease(session, plan.package_id, _owner(context), stale_before):
+                package = session.get_one(RawDataPackage, plan.package_id)
+                context.log.info(
+                    f"{plan.name} was completed by an earlier attempt"
+                    if package.status == Status.COMPLETED
+                    else f"{plan.name} is being built by run {package.lease_owner}; leaving it"
+                )
+                return BuiltPackage(plan, None)
+            site_id = session.get_one(DataLocation, plan.source.location_id).site_id
+            buffers = [Endpoint.of(b) for b in buffer_candidates(session, site_id)]
+        runner = assembly_hosts.runner_for(plan.source)
+        with heartbeat(ops_db.engine, plan.package_id, settings.stale_after_seconds() / 4):
+            built = _assemble_into_first_usable(context, runner, plan, buffers)
+    archive = built.archive
+    assert archive is not None
     context.add_output_metadata(
         {
             "package": plan.name,
-            "assembled_on": built.host,
-            "via_ssh": built.via_ssh,
+            "assembled_on": archive.host,
+            "via_ssh": archive.via_ssh,
+            "buffer_location": built.plan.buffer.location_name,
+            "failover": built.plan.buffer.location_id != buffers[0].location_id,
             "files": len(plan.members),
-            "bytes": built.size,
-            "seconds": round(built.seconds, 3),
-            "throughput_MB_per_s": round(plan.total_bytes / max(built.seconds, 1e-9) / 1e6, 1),
+            "bytes": archive.size,
+            "seconds": round(archive.seconds, 3),
+            "throughput_MB_per_s": round(plan.total_bytes / max(archive.seconds, 1e-9) / 1e6, 1),
         }
     )
     return built
 
 
-@dg.op(retry_policy=RETRY)
+def _assemble_into_first_usable(
+    context: dg.OpExecutionContext,
+    runner: HostRunner,
+    plan: PackagePlan,
+    buffers: list[Endpoint],
+) -> BuiltPackage:
+    """Failover: a buffer that is full or unreachable is skipped for the next one."""
+    problems: list[str] = []
+    for buffer in buffers:
+        candidate = dataclasses.replace(plan, buffer=buffer)
+        try:
+            return BuiltPackage(candidate, assembly.assemble(runner, candidate))
+        except InsufficientSpaceError as exc:
+            problems.append(f"{buffer.location_name}: {exc}")
+        except HostUnreachableError as exc:
+            if exc.host != buffer.host or buffer.host == plan.source.host:
+                raise
+            problems.append(f"{buffer.location_name}: {exc}")
+        context.log.warning(f"buffer {buffer.location_name} unusable: {problems[-1]}")
+    raise InsufficientSpaceError("no active buffer can take the package: " + "; ".join(problems))
+
+
+@dg.op
 def checksum(
     context: dg.OpExecutionContext,
-    plan: PackagePlan,
-    built: AssembledArchive,
+    built: BuiltPackage,
     ops_db: OpsDatabase,
     assembly_hosts: AssemblyHosts,
-) -> AssembledArchive:
+) -> BuiltPackage:
     """Verify the archive's exact size and members, then record its checksum.
 
     The digest itself was computed while the archive was written; reading a package of
     hundreds of GB again would cost a full cold pass.
     """
-    with _classified_errors():
+    plan, archive = built.plan, built.archive
+    if archive is None:
+        return built
+    with _failure_policy(context, ops_db, plan.package_id):
         runner = assembly_hosts.runner_for(plan.source)
         try:
-            assembly.verify(runner, plan, built)
+            assembly.verify(runner, plan, archive)
         except PackagingError:
-            assembly.discard(runner, built)
+            assembly.discard(runner, archive)
             raise
         with ops_db.session() as session:
-            record_checksum(session, plan.package_id, built.size, built.checksum, built.algorithm)
+            record_checksum(
+                session, plan.package_id, archive.size, archive.checksum, archive.algorithm
+            )
     context.add_output_metadata(
         {
             "package": plan.name,
-            "checksum": f"{built.algorithm}:{built.checksum}",
-            "bytes": built.size,
+            "checksum": f"{archive.algorithm}:{archive.checksum}",
+            "bytes": archive.size,
             "members_verified": len(plan.members),
         }
     )
     return built
 
 
-@dg.op(retry_policy=RETRY)
+@dg.op
 def register_at_buffer(
     context: dg.OpExecutionContext,
-    plan: PackagePlan,
-    built: AssembledArchive,
+    built: BuiltPackage,
     ops_db: OpsDatabase,
     assembly_hosts: AssemblyHosts,
 ) -> None:
     """Publish the archive under its final name and mark the package completed."""
-    with _classified_errors():
+    plan, archive = built.plan, built.archive
+    if archive is None:
+        return
+    with _failure_policy(context, ops_db, plan.package_id):
         runner = assembly_hosts.runner_for(plan.source)
-        final_path = assembly.publish(runner, plan, built)
+        final_path = assembly.publish(runner, plan, archive)
         with ops_db.session() as session:
             complete(session, plan.package_id, plan.buffer.location_id)
     metadata: dict[str, dg.RawMetadataValue] = {
         "package": plan.name,
         "status": "completed",
         "files": len(plan.members),
-        "bytes": built.size,
-        "checksum": f"{built.algorithm}:{built.checksum}",
+        "bytes": archive.size,
+        "checksum": f"{archive.algorithm}:{archive.checksum}",
         "buffer_location": plan.buffer.location_name,
         "buffer_path": dg.MetadataValue.path(final_path),
-        "assembled_on": built.host,
-        "via_ssh": built.via_ssh,
+        "assembled_on": archive.host,
+        "via_ssh": archive.via_ssh,
     }
     context.add_output_metadata(metadata)
     context.log_event(
@@ -166,14 +299,12 @@ def register_at_buffer(
 
 @dg.graph
 def package_raw_data() -> None:
-    plan = create_package_record()
-    built = checksum(plan, assemble_tar(plan))
-    register_at_buffer(plan, built)
+    create_package_records().map(lambda plan: register_at_buffer(checksum(assemble_tar(plan))))
 
 
 package_job = package_raw_data.to_job(
     name="package_raw_data_files",
-    description="Build, verify and register the tar package of one file group.",
+    description="Build, verify and register the tar packages of one file group.",
     partitions_def=file_groups,
     executor_def=dg.in_process_executor,
 )

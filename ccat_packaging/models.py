@@ -180,6 +180,9 @@ class RawDataPackage(Base):
     status: Mapped[Status] = mapped_column(_enum_column(Status), default=Status.PENDING)
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The run working on the package; its lease lasts while ``updated_at`` (the heartbeat) is
+    # fresh, so a dead run's package can be taken over and a live run's never is.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The group the package came from, and its part number within that group.
     source_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"))
     executed_obs_unit_id: Mapped[int] = mapped_column(ForeignKey("executed_obs_unit.id"))

@@ -1,14 +1,23 @@
-"""Recording what the assembly produced: checksum, size, completion, the copy at the buffer.
+"""The package's state in the database: progress, heartbeat, checksum, completion, failure.
 
-A package is ``completed`` only in the same transaction that records its size, checksum and
-physical copy, and only after its archive carries its final name at the buffer.
+State machine: ``pending`` (files claimed) → ``in_progress`` (assembly started) → ``completed``,
+or ``failed`` with a reason. A package is ``completed`` only in the same transaction that
+records its size, checksum and physical copy, after its archive carries its final name at the
+buffer. Failure never overwrites completion: whichever attempt completes wins.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Engine, Result, or_, select, update
 from sqlalchemy.orm import Session
 
+from ccat_packaging.db import session_scope
 from ccat_packaging.models import (
     PhysicalCopyStatus,
     RawDataPackage,
@@ -17,9 +26,33 @@ from ccat_packaging.models import (
 )
 
 
-def mark_in_progress(session: Session, package_id: int) -> None:
-    package = session.get_one(RawDataPackage, package_id)
-    package.status = Status.IN_PROGRESS
+def acquire_lease(session: Session, package_id: int, owner: str, stale_before: datetime) -> bool:
+    """Take the package for this run: free, already ours, or its holder's heartbeat stopped.
+
+    False when another live run holds it (or it is completed): leave it to that run.
+    """
+    result = session.execute(
+        update(RawDataPackage)
+        .where(
+            RawDataPackage.id == package_id,
+            RawDataPackage.status != Status.COMPLETED,
+            or_(
+                RawDataPackage.lease_owner.is_(None),
+                RawDataPackage.lease_owner == owner,
+                RawDataPackage.updated_at < stale_before,
+            ),
+        )
+        .values(status=Status.IN_PROGRESS, lease_owner=owner, updated_at=datetime.now(UTC))
+    )
+    return _changed(result)
+
+
+def _changed(result: Result[Any]) -> bool:
+    return bool(cast(CursorResult[Any], result).rowcount)
+
+
+def _held_by(owner: str) -> ColumnElement[bool]:
+    return or_(RawDataPackage.lease_owner.is_(None), RawDataPackage.lease_owner == owner)
 
 
 def record_checksum(
@@ -31,6 +64,44 @@ def record_checksum(
     package.checksum_algorithm = algorithm
 
 
+def record_retry(session: Session, package_id: int, owner: str, reason: str) -> None:
+    """One retryable failure: counted once, the package waits for this run's next attempt."""
+    session.execute(
+        update(RawDataPackage)
+        .where(
+            RawDataPackage.id == package_id,
+            RawDataPackage.status != Status.COMPLETED,
+            _held_by(owner),
+        )
+        .values(
+            status=Status.PENDING,
+            retry_count=RawDataPackage.retry_count + 1,
+            failure_reason=f"retrying after: {reason}",
+            updated_at=datetime.now(UTC),
+        )
+    )
+
+
+def mark_failed(session: Session, package_id: int, owner: str, reason: str) -> bool:
+    """Permanent failure with its reason, once. False when the package is completed, already
+    failed, or held by another run (whose outcome decides instead)."""
+    result = session.execute(
+        update(RawDataPackage)
+        .where(
+            RawDataPackage.id == package_id,
+            RawDataPackage.status.not_in([Status.COMPLETED, Status.FAILED]),
+            _held_by(owner),
+        )
+        .values(
+            status=Status.FAILED,
+            failure_reason=reason,
+            lease_owner=None,
+            updated_at=datetime.now(UTC),
+        )
+    )
+    return _changed(result)
+
+
 def complete(session: Session, package_id: int, buffer_location_id: int) -> RawDataPackage:
     """Mark the package completed and record its physical copy at the buffer (idempotent)."""
     package = session.get_one(RawDataPackage, package_id)
@@ -38,6 +109,7 @@ def complete(session: Session, package_id: int, buffer_location_id: int) -> RawD
         raise ValueError(f"package {package.name} has no recorded size and checksum")
     package.status = Status.COMPLETED
     package.failure_reason = None
+    package.lease_owner = None
     copy = session.scalars(
         select(RawDataPackagePhysicalCopy).where(
             RawDataPackagePhysicalCopy.raw_data_package_id == package_id,
@@ -55,3 +127,33 @@ def complete(session: Session, package_id: int, buffer_location_id: int) -> RawD
     else:
         copy.status = PhysicalCopyStatus.PRESENT
     return package
+
+
+@contextmanager
+def heartbeat(engine: Engine, package_id: int, interval: float) -> Iterator[None]:
+    """Touch ``updated_at`` every ``interval`` seconds while work on the package goes on.
+
+    A package whose heartbeat stopped (its process was killed, its machine rebooted) is found
+    by ``discovery.stale_groups`` and taken up again by the location's sensor.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with session_scope(engine) as session:
+                    session.execute(
+                        update(RawDataPackage)
+                        .where(RawDataPackage.id == package_id)
+                        .values(updated_at=datetime.now(UTC))
+                    )
+            except Exception:  # a missed beat only makes the package look stale sooner
+                continue
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{package_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

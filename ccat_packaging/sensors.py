@@ -1,6 +1,7 @@
 """One sensor per SOURCE location, built from the database when the code location loads."""
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -10,6 +11,7 @@ from ccat_packaging.discovery import (
     SourceLocationRef,
     plan_tick,
     primary_buffer,
+    stale_packages,
 )
 from ccat_packaging.jobs import file_groups, package_job
 from ccat_packaging.models import DataLocation
@@ -56,12 +58,11 @@ def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefini
                 limit=settings.sensor_max_requests(),
                 rescan_seconds=settings.sensor_rescan_seconds(),
             )
-        if not tick.groups:
-            return dg.SensorResult(
-                skip_reason=f"no new unpackaged files at {location.name!r}",
-                cursor=tick.cursor.serialize(),
+            stale = stale_packages(
+                session,
+                location.id,
+                older_than=datetime.now(UTC) - timedelta(seconds=settings.stale_after_seconds()),
             )
-        keys = [str(g.key) for g in tick.groups]
         requests = [
             dg.RunRequest(
                 run_key=run_key(str(g.key), g.file_count, g.newest_filed_at.timestamp()),
@@ -76,13 +77,38 @@ def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefini
             )
             for g in tick.groups
         ]
+        # A package whose heartbeat stopped belongs to a run that died; a run of its group
+        # resumes it. The key changes whenever a run touches the package again.
+        requested = [str(g.key) for g in tick.groups]
+        for package in stale:
+            if str(package.key) in requested:
+                continue
+            requested.append(str(package.key))
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{package.key}:resume:{package.package_id}:"
+                    f"{package.heartbeat_at.timestamp():.6f}",
+                    partition_key=str(package.key),
+                    tags={
+                        "ccat/source_location": location.name,
+                        "ccat/source_host": location.host,
+                        "ccat/resume_package_id": str(package.package_id),
+                    },
+                )
+            )
+        if not requests:
+            return dg.SensorResult(
+                skip_reason=f"no new unpackaged files at {location.name!r}",
+                cursor=tick.cursor.serialize(),
+            )
         context.log.info(
-            f"{len(requests)} group(s) to package at {location.name!r} "
-            f"(buffer {buffer.name!r}{', full rescan' if tick.rescanned else ''})"
+            f"{len(tick.groups)} group(s) to package and {len(stale)} stale package(s) to resume "
+            f"at {location.name!r} (buffer {buffer.name!r}"
+            f"{', full rescan' if tick.rescanned else ''})"
         )
         return dg.SensorResult(
             run_requests=requests,
-            dynamic_partitions_requests=[file_groups.build_add_request(keys)],
+            dynamic_partitions_requests=[file_groups.build_add_request(requested)],
             cursor=tick.cursor.serialize(),
         )
 

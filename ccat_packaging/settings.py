@@ -43,3 +43,23 @@ def sensor_max_requests() -> int:
 def sensor_rescan_seconds() -> int:
     """How often a sensor rescans all unpackaged files instead of only those past its cursor."""
     return _int("CCAT_SENSOR_RESCAN_SECONDS", 600)
+
+
+def package_max_bytes() -> int:
+    """Size cap of one package; larger groups are split into numbered parts."""
+    return _int("CCAT_PACKAGE_MAX_BYTES", 50_000_000_000)
+
+
+def package_max_files() -> int:
+    """Member cap of one package."""
+    return _int("CCAT_PACKAGE_MAX_FILES", 10_000)
+
+
+def retry_base_seconds() -> int:
+    """First retry delay of a retryable failure; doubled per attempt, with jitter."""
+    return _int("CCAT_RETRY_BASE_SECONDS", 10)
+
+
+def stale_after_seconds() -> int:
+    """An unfinished package whose heartbeat is older than this is taken back up."""
+    return _int("CCAT_STALE_AFTER_SECONDS", 600)

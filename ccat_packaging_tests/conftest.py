@@ -92,10 +92,10 @@ def any_world(any_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a buffer that really runs out of space."""
+    """A 64 MiB tmpfs: a buffer that really runs out of space."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:

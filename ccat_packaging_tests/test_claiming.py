@@ -6,7 +6,7 @@ import threading
 
 from sqlalchemy import func, select
 
-from ccat_packaging.claiming import claim_package
+from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.db import make_engine, session_scope
 from ccat_packaging.discovery import GroupKey
 from ccat_packaging.models import LocationType, RawDataFile, RawDataPackage
@@ -31,9 +31,8 @@ def test_concurrent_claimers_never_share_or_lose_a_file(world) -> None:
             barrier.wait()
             for key in keys[index % 3 :] + keys[: index % 3]:
                 with session_scope(engine) as s:
-                    plan = claim_package(s, key)
-                if plan is not None:
-                    plans.append((plan.package_id, frozenset(p for p, _ in plan.members)))
+                    got = claim_packages(s, key, PackageLimits(10**12, 10**6))
+                plans.extend((p.package_id, frozenset(m for m, _ in p.members)) for p in got)
         except BaseException as exc:
             errors.append(exc)
 

@@ -25,7 +25,7 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
     ]
     job = definitions.resolve_job_def(package_job.name)
     assert [n.name for n in job.graph.nodes_in_topological_order] == [
-        "create_package_record",
+        "create_package_records",
         "assemble_tar",
         "checksum",
         "register_at_buffer",

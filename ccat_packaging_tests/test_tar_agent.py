@@ -144,7 +144,7 @@ def test_verify_catches_a_member_list_that_differs(tmp_path: Path) -> None:
 
 def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: Path) -> None:
     src = tmp_path / "src"
-    members = _tree(src, {"a.dat": os.urandom(3 << 20)})
+    members = _tree(src, {"a.dat": os.urandom(80 << 20)})
     with pytest.raises(AgentError, match="not enough space") as info:
         _build(src, small_disk, members)
     assert info.value.kind == "no_space"

@@ -107,12 +107,13 @@ class World:
         *,
         size: int | None = None,
         write: bool = True,
-        filed_checksum: bool = True,
     ) -> str:
-        """File a raw file (and, unless ``write`` is False, put its bytes on disk)."""
-        if content is None:
+        """File a raw file and put its bytes on disk. With ``write=False`` only the row is
+        filed: from ``content`` if given, else with ``size`` and no filed checksum."""
+        if content is None and (write or size is None):
             content = os.urandom(size if size is not None else 1000 + self._next())
         if write:
+            assert content is not None
             path = self.root(group.location_id) / relative_path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
@@ -120,9 +121,9 @@ class World:
             raw = RawDataFile(
                 name=relative_path.rsplit("/", 1)[-1],
                 relative_path=relative_path,
-                size=len(content),
-                checksum=hashlib.sha256(content).hexdigest() if filed_checksum else None,
-                checksum_algorithm="sha256" if filed_checksum else None,
+                size=len(content) if content is not None else size,
+                checksum=hashlib.sha256(content).hexdigest() if content is not None else None,
+                checksum_algorithm="sha256" if content is not None else None,
                 file_type="dat",
                 source_location_id=group.location_id,
                 executed_obs_unit_id=group.eou_id,
