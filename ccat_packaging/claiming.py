@@ -103,9 +103,12 @@ def split_into_parts(
     return parts
 
 
-def claim_packages(session: Session, key: GroupKey, limits: PackageLimits) -> list[PackagePlan]:
+def claim_packages(
+    session: Session, key: GroupKey, limits: PackageLimits, owner: str
+) -> list[PackagePlan]:
     """Every package this group needs built now: unfinished ones first (a crashed or
-    interrupted run's), then new parts holding the group's unclaimed files.
+    interrupted run's), then new parts holding the group's unclaimed files, leased to
+    ``owner`` (the claiming run) so no other run starts on them meanwhile.
 
     Raises NoActiveBufferError before claiming anything when the site has no buffer.
     Completed and failed packages are left alone: completed ones are never rebuilt, failed
@@ -120,7 +123,7 @@ def claim_packages(session: Session, key: GroupKey, limits: PackageLimits) -> li
             .order_by(RawDataPackage.part)
         )
     )
-    packages += _new_parts(session, key, source.id, limits)
+    packages += _new_parts(session, key, source.id, limits, owner)
     return [plan_for(session, package, key, source, buffer) for package in packages]
 
 
@@ -158,7 +161,7 @@ def _group_filter(key: GroupKey, location_id: int) -> tuple[ColumnElement[bool],
 
 
 def _new_parts(
-    session: Session, key: GroupKey, location_id: int, limits: PackageLimits
+    session: Session, key: GroupKey, location_id: int, limits: PackageLimits, owner: str
 ) -> list[RawDataPackage]:
     """Claim the group's unclaimed files into new numbered parts.
 
@@ -191,6 +194,7 @@ def _new_parts(
             name=package_name(key, part),
             relative_path=package_relative_path(key, part),
             status=Status.PENDING,
+            lease_owner=owner,
             source_location_id=location_id,
             executed_obs_unit_id=key.executed_obs_unit_id,
             instrument_module_id=key.instrument_module_id,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from pathlib import Path
 
-from ccat_packaging import settings
-from ccat_packaging.db import make_engine, redacted
+from ccat_packaging import operations, settings
+from ccat_packaging.db import make_engine, redacted, session_scope
+from ccat_packaging.errors import PackagingError
 from ccat_packaging.models import Base
 
 
@@ -17,6 +19,48 @@ def _init_db(_: argparse.Namespace) -> int:
     Base.metadata.create_all(engine)
     engine.dispose()
     print(f"tables ready in {redacted(url)}")
+    return 0
+
+
+def _status(_: argparse.Namespace) -> int:
+    engine = make_engine(settings.ops_db_url())
+    with session_scope(engine) as session:
+        rows = operations.backlog(session)
+    now = datetime.now(UTC)
+    print(f"{'location':<28} {'files':>8} {'GB':>10} {'oldest':>10}  packages by status")
+    for row in rows:
+        age = (
+            f"{(now - row.oldest_filed_at).total_seconds() / 3600:.1f} h"
+            if row.oldest_filed_at
+            else "-"
+        )
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(row.packages_by_status.items())) or "-"
+        print(f"{row.location:<28} {row.files:>8} {row.bytes / 1e9:>10.3f} {age:>10}  {statuses}")
+    return 0
+
+
+def _dry_run(_: argparse.Namespace) -> int:
+    engine = make_engine(settings.ops_db_url())
+    with session_scope(engine) as session:
+        rows = operations.dry_run(session)
+    for row in rows:
+        target = f"-> buffer {row.buffer}" if row.buffer else f"ERROR: {row.problem}"
+        print(f"{row.location}: {len(row.groups)} group(s) {target}")
+        for key, files, size in row.groups:
+            print(f"  {key:<48} {files:>7} files {size / 1e9:>10.3f} GB")
+    return 1 if any(r.problem for r in rows) else 0
+
+
+def _requeue(args: argparse.Namespace) -> int:
+    if not (args.package or args.location or args.all):
+        print("say which: --package NAME, --location NAME or --all")
+        return 2
+    engine = make_engine(settings.ops_db_url())
+    with session_scope(engine) as session:
+        names = operations.requeue_failed(session, args.package, args.location)
+    for name in names:
+        print(f"requeued {name}")
+    print(f"{len(names)} package(s) requeued; the location sensors start their runs")
     return 0
 
 
@@ -38,8 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.set_defaults(handler=_demo)
     init_cmd = commands.add_parser("init-db", help="create the tables in CCAT_OPS_DB_URL")
     init_cmd.set_defaults(handler=_init_db)
+    commands.add_parser(
+        "status", help="backlog per location, oldest unpackaged file, packages by status"
+    ).set_defaults(handler=_status)
+    commands.add_parser(
+        "dry-run", help="what the sensors would package now, changing nothing"
+    ).set_defaults(handler=_dry_run)
+    requeue = commands.add_parser("requeue", help="failed packages back to pending")
+    requeue.add_argument("--package", help="one package, by name")
+    requeue.add_argument("--location", help="every failed package of a SOURCE location")
+    requeue.add_argument("--all", action="store_true", help="every failed package")
+    requeue.set_defaults(handler=_requeue)
     args = parser.parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except PackagingError as exc:
+        print(f"error: {exc}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ccat_packaging.errors import ConfigurationError, NoActiveBufferError
@@ -255,9 +255,11 @@ class StalePackage:
     heartbeat_at: datetime
 
 
-def stale_packages(session: Session, location_id: int, older_than: datetime) -> list[StalePackage]:
-    """Unfinished packages whose heartbeat stopped: their run died (kill -9, reboot) or
-    never started after the files were claimed. Their group needs a run to resume them."""
+def packages_needing_a_run(
+    session: Session, location_id: int, older_than: datetime
+) -> list[StalePackage]:
+    """Unfinished packages no live run holds: their run died (kill -9, reboot) and the
+    heartbeat stopped, or an operator requeued them. Their group needs a run to resume them."""
     location = session.get_one(DataLocation, location_id)
     slug = location_slug(location.name)
     rows = session.execute(
@@ -270,7 +272,7 @@ def stale_packages(session: Session, location_id: int, older_than: datetime) -> 
         .where(
             RawDataPackage.source_location_id == location_id,
             RawDataPackage.status.in_([Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS]),
-            RawDataPackage.updated_at < older_than,
+            or_(RawDataPackage.updated_at < older_than, RawDataPackage.lease_owner.is_(None)),
         )
         .order_by(RawDataPackage.updated_at)
     ).all()

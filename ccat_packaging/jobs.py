@@ -142,7 +142,7 @@ def create_package_records(
     """Resume the group's unfinished packages and claim its unpackaged files into new parts."""
     key = GroupKey.parse(context.partition_key)
     with _failure_policy(context, ops_db, None), ops_db.session() as session:
-        plans = claim_packages(session, key, _limits())
+        plans = claim_packages(session, key, _limits(), _owner(context))
     if not plans:
         context.log.info(f"{key}: every filed file is already in a package; nothing to build")
     for plan in plans:

@@ -11,7 +11,7 @@ from ccat_packaging.discovery import (
     SourceLocationRef,
     plan_tick,
     primary_buffer,
-    stale_packages,
+    packages_needing_a_run,
 )
 from ccat_packaging.jobs import file_groups, package_job
 from ccat_packaging.models import DataLocation
@@ -58,7 +58,7 @@ def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefini
                 limit=settings.sensor_max_requests(),
                 rescan_seconds=settings.sensor_rescan_seconds(),
             )
-            stale = stale_packages(
+            stale = packages_needing_a_run(
                 session,
                 location.id,
                 older_than=datetime.now(UTC) - timedelta(seconds=settings.stale_after_seconds()),

@@ -31,7 +31,7 @@ def test_concurrent_claimers_never_share_or_lose_a_file(world) -> None:
             barrier.wait()
             for key in keys[index % 3 :] + keys[: index % 3]:
                 with session_scope(engine) as s:
-                    got = claim_packages(s, key, PackageLimits(10**12, 10**6))
+                    got = claim_packages(s, key, PackageLimits(10**12, 10**6), f"run-{index}")
                 plans.extend((p.package_id, frozenset(m for m, _ in p.members)) for p in got)
         except BaseException as exc:
             errors.append(exc)

@@ -11,6 +11,7 @@ import sys
 import tarfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -26,6 +27,7 @@ from ccat_packaging.registration import complete, mark_failed, record_checksum
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
 MB = 1 << 20
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)  # a heartbeat that stopped long ago
 
 
 def _packages(world) -> list[RawDataPackage]:
@@ -115,7 +117,7 @@ def test_failure_never_overwrites_completion(world) -> None:
     _, _, buf, group, key = _site(world)
     world.file(group, "a.dat")
     with world.session() as s:
-        [plan] = claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100))
+        [plan] = claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100), "crashed-run")
         record_checksum(s, plan.package_id, 10240, "0" * 64, "sha256")
         complete(s, plan.package_id, buf)
     with world.session() as s:
@@ -149,8 +151,9 @@ def test_a_non_retryable_failure_marks_the_package_failed_once_with_its_reason(w
 def test_rows_created_but_no_tar_resumes_the_same_package(world) -> None:
     _, _, buf, group, key = _site(world)
     world.file(group, "a.dat")
-    with world.session() as s:  # the create step committed, then its process died
-        claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100))
+    with world.session() as s:  # the create step committed, then its process died long ago
+        claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100), "crashed-run")
+        s.execute(update(RawDataPackage).values(updated_at=LONG_AGO))
     with dg.instance_for_test() as instance:
         assert run_partition(instance, key).success
     [package] = _packages(world)
@@ -161,8 +164,8 @@ def test_a_half_written_tar_is_cleared_and_rebuilt(world) -> None:
     _, _, buf, group, key = _site(world)
     world.file(group, "a.dat", size=50_000)
     with world.session() as s:
-        [plan] = claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100))
-        s.execute(update(RawDataPackage).values(status=Status.IN_PROGRESS))
+        [plan] = claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100), "crashed-run")
+        s.execute(update(RawDataPackage).values(status=Status.IN_PROGRESS, updated_at=LONG_AGO))
     partial = world.root(buf) / Path(plan.relative_path).parent / f".{plan.name}.tar.partial.dead"
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"x" * 1000)

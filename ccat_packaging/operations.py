@@ -1,0 +1,126 @@
+"""What operators ask of the packaging stage, as plain functions over the database.
+
+The ``ccat-packaging`` command prints these; they never touch source files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ccat_packaging.discovery import buffer_candidates, source_locations, unpackaged_groups
+from ccat_packaging.errors import ConfigurationError
+from ccat_packaging.models import (
+    DataLocation,
+    DiskDataLocation,
+    RawDataFile,
+    RawDataPackage,
+    Status,
+)
+
+
+@dataclass(frozen=True)
+class LocationBacklog:
+    location: str
+    files: int
+    bytes: int
+    oldest_filed_at: datetime | None
+    packages_by_status: dict[str, int]
+
+
+def backlog(session: Session) -> list[LocationBacklog]:
+    """Unpackaged files and bytes, the oldest one's filing time, packages by status."""
+    result = []
+    for ref in source_locations(session):
+        files, total, oldest = session.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(RawDataFile.size), 0),
+                func.min(RawDataFile.created_at),
+            ).where(
+                RawDataFile.source_location_id == ref.id,
+                RawDataFile.raw_data_package_id.is_(None),
+            )
+        ).one()
+        by_status = dict(
+            session.execute(
+                select(RawDataPackage.status, func.count())
+                .where(RawDataPackage.source_location_id == ref.id)
+                .group_by(RawDataPackage.status)
+            ).all()
+        )
+        result.append(
+            LocationBacklog(
+                ref.name,
+                int(files),
+                int(total),
+                oldest.replace(tzinfo=oldest.tzinfo or UTC) if oldest else None,
+                {str(status.value): int(n) for status, n in by_status.items()},
+            )
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class DryRunLocation:
+    location: str
+    buffer: str | None
+    problem: str | None
+    groups: list[tuple[str, int, int]]
+
+
+def dry_run(session: Session, limit: int = 1000) -> list[DryRunLocation]:
+    """What each location's sensor would request from scratch, without changing anything."""
+    result = []
+    for ref in source_locations(session):
+        location = session.get_one(DataLocation, ref.id)
+        try:
+            buffer: str | None = buffer_candidates(session, location.site_id)[0].name
+            problem = None
+        except ConfigurationError as exc:
+            buffer, problem = None, str(exc)
+        groups = unpackaged_groups(session, ref.id, None, limit)
+        result.append(
+            DryRunLocation(
+                ref.name,
+                buffer,
+                problem,
+                [(str(g.key), g.file_count, g.total_bytes) for g in groups],
+            )
+        )
+    return result
+
+
+def requeue_failed(
+    session: Session, package: str | None = None, location: str | None = None
+) -> list[str]:
+    """Failed packages back to ``pending`` with a fresh retry budget; the location's sensor
+    starts a run for each on its next tick. Returns the names requeued."""
+    stmt = select(RawDataPackage).where(RawDataPackage.status == Status.FAILED)
+    if package is not None:
+        stmt = stmt.where(RawDataPackage.name == package)
+    if location is not None:
+        loc = session.scalars(
+            select(DiskDataLocation).where(DiskDataLocation.name == location)
+        ).one_or_none()
+        if loc is None:
+            raise ConfigurationError(f"no location named {location!r}")
+        stmt = stmt.where(RawDataPackage.source_location_id == loc.id)
+    names = [p.name for p in session.scalars(stmt.order_by(RawDataPackage.name))]
+    if package is not None and not names:
+        raise ConfigurationError(f"no failed package named {package!r}")
+    session.execute(
+        update(RawDataPackage)
+        .where(RawDataPackage.name.in_(names))
+        .values(
+            status=Status.PENDING,
+            retry_count=0,
+            failure_reason=None,
+            lease_owner=None,
+            updated_at=datetime.now(UTC),
+        )
+    )
+    return names

@@ -1,0 +1,80 @@
+"""Operator tools: status, dry-run, and requeueing a failed package after the cause is fixed."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from ccat_packaging import operations
+from ccat_packaging.cli import main
+from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
+
+
+def test_status_and_dry_run_report_the_backlog_without_changing_it(world, capsys) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    g1, g2 = world.group(src), world.group(src)
+    world.file(g1, "a.dat", size=100)
+    world.file(g1, "b.dat", size=200)
+    world.file(g2, "c.dat", size=300)
+    with world.session() as s:
+        [row] = operations.backlog(s)
+        assert (row.location, row.files, row.bytes, row.packages_by_status) == ("src", 3, 600, {})
+        assert row.oldest_filed_at is not None
+        [dry] = operations.dry_run(s)
+    assert dry.buffer == "buf" and dry.problem is None
+    assert sorted(files for _, files, _ in dry.groups) == [1, 2]
+    assert main(["dry-run"]) == 0
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"src__eou{g1.eou_id}__mod{g1.module_id}" in out and "-> buffer buf" in out
+    with world.session() as s:
+        assert s.query(RawDataPackage).count() == 0
+
+
+def test_dry_run_names_a_missing_buffer(world, capsys) -> None:
+    site = world.site()
+    world.file(world.group(world.location(site, "src", LocationType.SOURCE)), "a.dat")
+    assert main(["dry-run"]) == 1
+    assert "ERROR: site 'ccat' has no active BUFFER" in capsys.readouterr().out
+
+
+def test_a_requeued_package_is_rebuilt_by_the_next_sensor_run(world, capsys) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    group = world.group(src)
+    content = world.file_bytes(group, "a.dat")
+    path = world.root(src) / "a.dat"
+    path.unlink()  # the instrument computer lost the file...
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    with dg.instance_for_test() as instance:
+        assert not run_partition(instance, key).success
+        with world.session() as s:
+            failed = s.query(RawDataPackage).one()
+            assert failed.status == Status.FAILED
+        # Failed packages are not retried behind the operator's back.
+        assert not evaluate_sensor("package_src_sensor", instance, world.url).run_requests
+        path.write_bytes(content)  # ...an operator restored it and requeues the package
+        assert main(["requeue", "--package", failed.name]) == 0
+        assert f"requeued {failed.name}" in capsys.readouterr().out
+        [request] = evaluate_sensor("package_src_sensor", instance, world.url).run_requests or []
+        assert request.partition_key == key
+        assert run_partition(instance, key).success
+    with world.session() as s:
+        package = s.query(RawDataPackage).one()
+        assert (package.status, package.retry_count, package.failure_reason) == (
+            Status.COMPLETED,
+            0,
+            None,
+        )
+
+
+def test_requeue_refuses_unknown_names(world, capsys) -> None:
+    world.location(world.site(), "src", LocationType.SOURCE)
+    assert main(["requeue", "--package", "nope"]) == 1
+    assert "no failed package named 'nope'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["requeue", "--bogus"])
