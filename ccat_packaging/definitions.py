@@ -1,4 +1,4 @@
-"""The code location: the packaging job, one sensor per SOURCE location, and resources."""
+"""The code location: per SOURCE location a packaging job and its sensor, and resources."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ccat_packaging import settings
 from ccat_packaging.db import make_engine, redacted, session_scope
 from ccat_packaging.discovery import SourceLocationRef, source_locations
 from ccat_packaging.errors import ConfigurationError
-from ccat_packaging.jobs import package_job
-from ccat_packaging.resources import AssemblyHosts, ops_database_from_env
+from ccat_packaging.jobs import build_package_job
+from ccat_packaging.resources import assembly_hosts_from_env, ops_database_from_env
 from ccat_packaging.sensors import build_source_location_sensor
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -37,8 +37,9 @@ def load_source_locations(url: str) -> list[SourceLocationRef]:
 @dg.definitions
 def defs() -> dg.Definitions:
     locations = load_source_locations(settings.ops_db_url())
+    jobs = {location.slug: build_package_job(location) for location in locations}
     return dg.Definitions(
-        jobs=[package_job],
-        sensors=[build_source_location_sensor(location) for location in locations],
-        resources={"ops_db": ops_database_from_env(), "assembly_hosts": AssemblyHosts()},
+        jobs=list(jobs.values()),
+        sensors=[build_source_location_sensor(loc, jobs[loc.slug]) for loc in locations],
+        resources={"ops_db": ops_database_from_env(), "assembly_hosts": assembly_hosts_from_env()},
     )

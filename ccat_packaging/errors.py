@@ -27,11 +27,19 @@ class DatabaseUnavailableError(RetryableError):
 
 
 class HostUnreachableError(RetryableError):
-    """A host could not be reached or the connection to it dropped."""
+    """No SSH connection could be made (refused, timed out, name not resolved, no banner)."""
 
     def __init__(self, message: str, host: str) -> None:
         super().__init__(message)
         self.host = host
+
+
+class ConnectionDroppedError(RetryableError):
+    """An established connection broke while a command ran; the remote agent stops itself."""
+
+
+class CommandTimeoutError(RetryableError):
+    """The remote agent stayed silent for longer than ``command_timeout``; it was stopped."""
 
 
 class ConfigurationError(PackagingError):
@@ -60,3 +68,11 @@ class InsufficientSpaceError(PackagingError):
 
 class ArchiveVerificationError(PackagingError):
     """The written archive does not match what was predicted from the filed files."""
+
+
+class HostKeyError(ConfigurationError):
+    """The host's key is not in the known-hosts file, or differs from the key recorded there."""
+
+
+class AuthenticationFailedError(ConfigurationError):
+    """The host refused the configured key (or passphrase)."""

@@ -1,6 +1,8 @@
 """The packaging job: thin ops over the domain modules, one run per file group.
 
-Ops take nothing but the partition key and the database, so a sensor run, a UI or CLI backfill
+Each SOURCE location has its own job and partition set (built by ``build_package_job``), so
+its partitions page lists only its groups and its assemblies share the pool of its host. Ops
+take nothing but the partition key and the database, so a sensor run, a UI or CLI backfill
 and a re-execution all do the same thing. ``create_package_records`` fans out one branch per
 package of the group (a resumed unfinished one, new numbered parts); each branch assembles,
 checksums and registers its package. Every op is safe to run again: an op that finds its
@@ -14,6 +16,7 @@ the error class and message, unless another attempt completed it meanwhile.
 
 import dataclasses
 import random
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,9 +29,9 @@ from sqlalchemy.orm import Session
 from ccat_packaging import settings
 from ccat_packaging.assembly import archive as assembly
 from ccat_packaging.assembly.archive import AssembledArchive
-from ccat_packaging.assembly.hosts import HostRunner
+from ccat_packaging.assembly.hosts import Hosts
 from ccat_packaging.claiming import Endpoint, PackageLimits, PackagePlan, claim_packages
-from ccat_packaging.discovery import GroupKey, buffer_candidates
+from ccat_packaging.discovery import GroupKey, SourceLocationRef, buffer_candidates
 from ccat_packaging.errors import (
     DatabaseUnavailableError,
     HostUnreachableError,
@@ -45,9 +48,6 @@ from ccat_packaging.registration import (
     record_retry,
 )
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
-
-FILE_GROUPS = "raw_data_file_groups"
-file_groups = dg.DynamicPartitionsDefinition(name=FILE_GROUPS)
 
 PACKAGES_ASSET = dg.AssetKey("raw_data_packages")
 MAX_RETRIES = 3
@@ -182,9 +182,8 @@ def assemble_tar(
                 return BuiltPackage(plan, None)
             site_id = session.get_one(DataLocation, plan.source.location_id).site_id
             buffers = [Endpoint.of(b) for b in buffer_candidates(session, site_id)]
-        runner = assembly_hosts.runner_for(plan.source)
         with heartbeat(ops_db.engine, plan.package_id, settings.stale_after_seconds() / 4):
-            built = _assemble_into_first_usable(context, runner, plan, buffers)
+            built = _assemble_into_first_usable(context, assembly_hosts, plan, buffers)
     archive = built.archive
     assert archive is not None
     context.add_output_metadata(
@@ -205,7 +204,7 @@ def assemble_tar(
 
 def _assemble_into_first_usable(
     context: dg.OpExecutionContext,
-    runner: HostRunner,
+    hosts: Hosts,
     plan: PackagePlan,
     buffers: list[Endpoint],
 ) -> BuiltPackage:
@@ -214,7 +213,7 @@ def _assemble_into_first_usable(
     for buffer in buffers:
         candidate = dataclasses.replace(plan, buffer=buffer)
         try:
-            return BuiltPackage(candidate, assembly.assemble(runner, candidate))
+            return BuiltPackage(candidate, assembly.assemble(hosts, candidate))
         except InsufficientSpaceError as exc:
             problems.append(f"{buffer.location_name}: {exc}")
         except HostUnreachableError as exc:
@@ -241,11 +240,10 @@ def checksum(
     if archive is None:
         return built
     with _failure_policy(context, ops_db, plan.package_id):
-        runner = assembly_hosts.runner_for(plan.source)
         try:
-            assembly.verify(runner, plan, archive)
+            assembly.verify(assembly_hosts, plan, archive)
         except PackagingError:
-            assembly.discard(runner, archive)
+            assembly.discard(assembly_hosts, archive)
             raise
         with ops_db.session() as session:
             record_checksum(
@@ -274,8 +272,7 @@ def register_at_buffer(
     if archive is None:
         return
     with _failure_policy(context, ops_db, plan.package_id):
-        runner = assembly_hosts.runner_for(plan.source)
-        final_path = assembly.publish(runner, plan, archive)
+        final_path = assembly.publish(assembly_hosts, plan, archive)
         with ops_db.session() as session:
             complete(session, plan.package_id, plan.buffer.location_id)
     metadata: dict[str, dg.RawMetadataValue] = {
@@ -297,14 +294,34 @@ def register_at_buffer(
     )
 
 
-@dg.graph
-def package_raw_data() -> None:
-    create_package_records().map(lambda plan: register_at_buffer(checksum(assemble_tar(plan))))
+def job_name(location_slug: str) -> str:
+    return f"package_{location_slug}"
 
 
-package_job = package_raw_data.to_job(
-    name="package_raw_data_files",
-    description="Build, verify and register the tar packages of one file group.",
-    partitions_def=file_groups,
-    executor_def=dg.in_process_executor,
-)
+def partitions_name(location_slug: str) -> str:
+    return f"{location_slug}_file_groups"
+
+
+def host_pool(host: str) -> str:
+    """The concurrency pool of a source host: ``concurrency.pools`` in dagster.yaml limits how
+    many assemblies run on one host at once, for sensor runs and backfills alike."""
+    return "assembly_" + re.sub(r"[^A-Za-z0-9_]+", "_", host.lower())
+
+
+def build_package_job(location: SourceLocationRef) -> dg.JobDefinition:
+    """The packaging job of one SOURCE location, partitioned by its file groups."""
+    assemble = assemble_tar.tag({"dagster/concurrency_key": host_pool(location.host)})
+
+    @dg.graph(name=job_name(location.slug))
+    def package_location() -> None:
+        create_package_records().map(lambda plan: register_at_buffer(checksum(assemble(plan))))
+
+    return package_location.to_job(
+        description=(
+            f"Build, verify and register the tar packages of one file group of SOURCE location "
+            f"{location.name!r} (host {location.host})."
+        ),
+        partitions_def=dg.DynamicPartitionsDefinition(name=partitions_name(location.slug)),
+        executor_def=dg.in_process_executor,
+        tags={"ccat/source_location": location.name, "ccat/source_host": location.host},
+    )

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import dagster as dg
 from dagster._core.storage.dagster_run import RunsFilter
 
-from ccat_packaging.jobs import FILE_GROUPS, package_job
-
 
 @dataclass(frozen=True)
 class RunOutcome:
@@ -31,9 +29,11 @@ def tick_and_run(
     log_level: str = "INFO",
     max_ticks: int = 1000,
 ) -> list[RunOutcome]:
-    job = definitions.resolve_job_def(package_job.name)
     outcomes: list[RunOutcome] = []
     for sensor in definitions.sensors or []:
+        job = definitions.resolve_job_def(sensor.job.name)
+        partitions = job.partitions_def
+        assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name
         cursor: str | None = None
         for _ in range(max_ticks):
             with dg.build_sensor_context(
@@ -48,7 +48,7 @@ def tick_and_run(
                 break
             cursor = result.cursor
             keys = [r.partition_key for r in result.run_requests if r.partition_key]
-            instance.add_dynamic_partitions(FILE_GROUPS, keys)
+            instance.add_dynamic_partitions(partitions.name, keys)
             for request in result.run_requests:
                 outcomes.append(_launch(job, instance, sensor.name, request, log_level))
     return outcomes

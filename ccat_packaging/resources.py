@@ -7,15 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ccat_packaging import settings
 from ccat_packaging.assembly.hosts import HostRunner, LocalRunner, is_same_host
+from ccat_packaging.assembly.ssh import SshHosts, SshSettings
 from ccat_packaging.claiming import Endpoint
 from ccat_packaging.db import make_engine, session_scope
-from ccat_packaging.errors import ConfigurationError
 
 
 class OpsDatabase(dg.ConfigurableResource):
@@ -53,12 +53,91 @@ def ops_database_from_env() -> OpsDatabase:
 
 
 class AssemblyHosts(dg.ConfigurableResource):
-    """Chooses how to reach the host that holds a location's files."""
+    """Reaches the host that holds a location's files: this process when the location's host
+    is this machine, otherwise SSH with one connection per host for the whole run.
+
+    The key, its passphrase and the known-hosts file come from the environment (``EnvVar``),
+    never from the repository; host, user, port and path come from the location rows.
+    """
+
+    key_filename: str | None = Field(
+        default=None, description="private key for SSH logins; None: the user's default keys"
+    )
+    key_passphrase: str | None = Field(default=None, description="passphrase of that key")
+    known_hosts: str | None = Field(
+        default=None,
+        description="known-hosts file that host keys are checked against; None: ~/.ssh/known_hosts",
+    )
+    trust_unknown_hosts: bool = Field(
+        default=False,
+        description="accept (and record) keys of hosts not yet known; a changed key is "
+        "refused regardless",
+    )
+    connect_timeout: int = Field(default=15, description="seconds to connect and log in")
+    command_timeout: int = Field(
+        default=4 * 3600,
+        description="seconds a remote agent may stay silent (a whole build writing in place) "
+        "before its channel is closed, which stops it",
+    )
+    remote_python: str = Field(
+        default="/usr/bin/python3", description="python3 on the remote hosts (3.8 or newer)"
+    )
+    remote_dir: str = Field(
+        default=".cache/ccat-packaging",
+        description="where the tar agent is kept on remote hosts (relative: to the login home)",
+    )
+
+    _ssh: SshHosts | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._ssh = None
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this run's SSH connections."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
         if is_same_host(endpoint.host):
-            return LocalRunner()
-        raise ConfigurationError(
-            f"location {endpoint.location_name!r} is on host {endpoint.host!r}, which is not "
-            "this machine, and no SSH runner is configured"
-        )
+            return LocalRunner(hosts=self, endpoint=endpoint)
+        if self._ssh is None:
+            self._ssh = SshHosts(
+                SshSettings(
+                    key_filename=self.key_filename,
+                    key_passphrase=self.key_passphrase,
+                    known_hosts=self.known_hosts,
+                    trust_unknown_hosts=self.trust_unknown_hosts,
+                    connect_timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    remote_python=self.remote_python,
+                    remote_dir=self.remote_dir,
+                )
+            )
+        return self._ssh.runner(endpoint, hosts=self)
+
+
+SSH_KEY_FILE_ENV = "CCAT_SSH_KEY_FILE"
+SSH_KEY_PASSPHRASE_ENV = "CCAT_SSH_KEY_PASSPHRASE"
+SSH_KNOWN_HOSTS_ENV = "CCAT_SSH_KNOWN_HOSTS"
+SSH_TRUST_UNKNOWN_HOSTS_ENV = "CCAT_SSH_TRUST_UNKNOWN_HOSTS"
+
+
+def assembly_hosts_from_env() -> AssemblyHosts:
+    """SSH settings from ``CCAT_SSH_*``: paths and the passphrase through ``EnvVar`` (resolved
+    at run time, never shown in the UI), each only when set, so a machine without SSH set-up
+    (the embedded demo) loads as well. Trusting unknown host keys is an explicit opt-in."""
+    trust = os.environ.get(SSH_TRUST_UNKNOWN_HOSTS_ENV, "").strip().lower()
+    return AssemblyHosts(
+        key_filename=_env_var(SSH_KEY_FILE_ENV),
+        key_passphrase=_env_var(SSH_KEY_PASSPHRASE_ENV),
+        known_hosts=_env_var(SSH_KNOWN_HOSTS_ENV),
+        trust_unknown_hosts=trust in ("1", "true", "yes"),
+    )
+
+
+def _env_var(name: str) -> dg.EnvVar | None:
+    return dg.EnvVar(name) if os.environ.get(name) else None

@@ -9,11 +9,11 @@ from ccat_packaging import settings
 from ccat_packaging.discovery import (
     SensorCursor,
     SourceLocationRef,
+    packages_needing_a_run,
     plan_tick,
     primary_buffer,
-    packages_needing_a_run,
 )
-from ccat_packaging.jobs import file_groups, package_job
+from ccat_packaging.jobs import partitions_name
 from ccat_packaging.models import DataLocation
 from ccat_packaging.resources import OpsDatabase
 
@@ -28,10 +28,14 @@ def run_key(group_key: str, file_count: int, newest_filed_at: float) -> str:
     return f"{group_key}:{file_count}:{newest_filed_at:.6f}"
 
 
-def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefinition:
+def build_source_location_sensor(
+    location: SourceLocationRef, job: dg.JobDefinition
+) -> dg.SensorDefinition:
+    partitions = dg.DynamicPartitionsDefinition(name=partitions_name(location.slug))
+
     @dg.sensor(
         name=sensor_name(location),
-        job=package_job,
+        job=job,
         minimum_interval_seconds=settings.sensor_interval_seconds(),
         description=(
             f"Packages unpackaged raw files at SOURCE location {location.name!r} "
@@ -108,7 +112,7 @@ def build_source_location_sensor(location: SourceLocationRef) -> dg.SensorDefini
         )
         return dg.SensorResult(
             run_requests=requests,
-            dynamic_partitions_requests=[file_groups.build_add_request(requested)],
+            dynamic_partitions_requests=[partitions.build_add_request(requested)],
             cursor=tick.cursor.serialize(),
         )
 

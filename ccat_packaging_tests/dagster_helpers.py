@@ -5,7 +5,8 @@ from __future__ import annotations
 import dagster as dg
 
 from ccat_packaging.definitions import defs
-from ccat_packaging.jobs import FILE_GROUPS, package_job
+from ccat_packaging.discovery import GroupKey
+from ccat_packaging.jobs import job_name, partitions_name
 from ccat_packaging.resources import OpsDatabase
 
 
@@ -24,6 +25,7 @@ def evaluate_sensor(
 
 def run_partition(instance: dg.DagsterInstance, key: str) -> dg.ExecuteInProcessResult:
     """The packaging job for one file group, as a sensor run or a backfill would start it."""
-    instance.add_dynamic_partitions(FILE_GROUPS, [key])
-    job = defs().resolve_job_def(package_job.name)
+    slug = GroupKey.parse(key).location_slug
+    instance.add_dynamic_partitions(partitions_name(slug), [key])
+    job = defs().resolve_job_def(job_name(slug))
     return job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)

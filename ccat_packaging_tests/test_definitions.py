@@ -7,7 +7,6 @@ import pytest
 
 from ccat_packaging.definitions import defs
 from ccat_packaging.errors import ConfigurationError
-from ccat_packaging.jobs import package_job
 from ccat_packaging.models import LocationType
 
 
@@ -23,14 +22,22 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
         "package_chai_raw_data_sensor",
         "package_primecam_raw_data_sensor",
     ]
-    job = definitions.resolve_job_def(package_job.name)
+    assert sorted(j.name for j in definitions.resolve_all_job_defs()) == [
+        "package_chai_raw_data",
+        "package_primecam_raw_data",
+    ]
+    job = definitions.resolve_job_def("package_primecam_raw_data")
     assert [n.name for n in job.graph.nodes_in_topological_order] == [
         "create_package_records",
         "assemble_tar",
         "checksum",
         "register_at_buffer",
     ]
-    assert job.partitions_def is not None
+    assert isinstance(job.partitions_def, dg.DynamicPartitionsDefinition)
+    assert job.partitions_def.name == "primecam_raw_data_file_groups"
+    # Assemblies of one source host share a concurrency pool, whatever launched the run.
+    [assemble] = [n for n in job.graph.nodes if n.name == "assemble_tar"]
+    assert assemble.tags["dagster/concurrency_key"] == "assembly_localhost"
 
 
 def test_the_database_url_is_never_shown_in_resource_config(world) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy import select, text, update
 from ccat_packaging.claiming import PackageLimits, claim_packages, split_into_parts
 from ccat_packaging.definitions import defs
 from ccat_packaging.discovery import GroupKey
-from ccat_packaging.jobs import package_job
+from ccat_packaging.jobs import job_name
 from ccat_packaging.models import LocationType, RawDataFile, RawDataPackage, Status
 from ccat_packaging.registration import complete, mark_failed, record_checksum
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
@@ -243,7 +243,7 @@ def test_concurrent_runs_of_one_group_produce_one_package(world, tmp_path) -> No
     home = tmp_path / "dagster_home"
     home.mkdir()
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("raw_data_file_groups", [key])
+        instance.add_dynamic_partitions("src_file_groups", [key])
     workers = [_spawn(home, key) for _ in range(3)]
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.stderr.read() if worker.stderr else ""
@@ -279,10 +279,10 @@ def test_database_connections_terminated_mid_run_are_survived(world, pg_admin, m
             killed.extend(1 for r in rows if r[0])
             time.sleep(0.3)
 
-    job = defs().resolve_job_def(package_job.name)
+    job = defs().resolve_job_def(job_name("src"))
     thread = threading.Thread(target=terminate_once_assembly_runs)
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("raw_data_file_groups", [key])
+        instance.add_dynamic_partitions("src_file_groups", [key])
         thread.start()
         result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
         thread.join()
@@ -321,7 +321,8 @@ def test_disk_full_during_the_write_fails_over_to_the_next_buffer(world, small_d
     [event] = [
         e
         for e in result.all_events
-        if e.event_type == dg.DagsterEventType.STEP_OUTPUT and e.step_key.startswith("assemble_tar")
+        if e.event_type == dg.DagsterEventType.STEP_OUTPUT
+        and str(e.step_key).startswith("assemble_tar")
     ]
     metadata = event.step_output_data.metadata
     assert metadata["buffer_location"].value == "spare"

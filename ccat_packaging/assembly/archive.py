@@ -1,16 +1,35 @@
-"""The assembly steps of a package, expressed as tar-agent commands on a host runner."""
+"""The assembly steps of a package, expressed as tar-agent commands on host runners.
+
+The archive is always written by the agent on the host that holds the source files. When the
+buffer is on that host too (or both are this machine) it writes straight into the buffer's
+directory; otherwise it streams the archive (``send``) through this worker to the agent on the
+buffer's host (``receive``), which checks size and checksum before anything counts. Either
+way the bytes are the same. Verifying, publishing and discarding run where the buffer is.
+
+Every step takes ``hosts``: the ``AssemblyHosts`` resource, or any runner obtained from it.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
-from ccat_packaging.assembly.hosts import HostRunner
-from ccat_packaging.claiming import PackagePlan
+from ccat_packaging.assembly import tar_agent
+from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
+from ccat_packaging.claiming import Endpoint, PackagePlan
+from ccat_packaging.errors import ArchiveVerificationError, InsufficientSpaceError, PackagingError
+
+PUMP_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
 class AssembledArchive:
-    """A fsynced archive under its temporary name, with the checksum of its bytes."""
+    """A fsynced archive under its temporary name at the buffer, with its checksum.
+
+    ``host`` and ``via_ssh`` say where it was assembled (the source's host); ``buffer`` is the
+    location whose host holds ``temp_path``.
+    """
 
     temp_path: str
     size: int
@@ -19,36 +38,114 @@ class AssembledArchive:
     host: str
     via_ssh: bool
     seconds: float
+    buffer: Endpoint
 
 
-def assemble(runner: HostRunner, plan: PackagePlan) -> AssembledArchive:
-    result = runner.run(
-        "build",
-        {
-            "source_root": plan.source.root,
-            "members": [list(m) for m in plan.members],
-            "dest_root": plan.buffer.root,
-            "dest_relative": plan.relative_path,
-        },
-    )
+def assemble(hosts: Hosts, plan: PackagePlan) -> AssembledArchive:
+    members = _checked_members(plan)
+    source = hosts.runner_for(plan.source)
+    buffer = hosts.runner_for(plan.buffer)
+    if source.machine == buffer.machine:
+        try:
+            result = source.run(
+                "build",
+                {
+                    "source_root": plan.source.root,
+                    "members": members,
+                    "dest_root": plan.buffer.root,
+                    "dest_relative": plan.relative_path,
+                },
+            )
+        except InsufficientSpaceError as exc:  # say which location is full, not only the source
+            raise InsufficientSpaceError(f"{exc} (buffer {describe(plan.buffer)})") from None
+    else:
+        result = _stream(source, buffer, plan, members)
     return AssembledArchive(
         temp_path=result["temp_path"],
         size=int(result["size"]),
         checksum=result["checksum"],
         algorithm=result["algorithm"],
-        host=runner.host,
-        via_ssh=runner.via_ssh,
+        host=source.host,
+        via_ssh=source.via_ssh,
         seconds=float(result["seconds"]),
+        buffer=plan.buffer,
     )
 
 
-def verify(runner: HostRunner, plan: PackagePlan, archive: AssembledArchive) -> None:
+def _checked_members(plan: PackagePlan) -> list[list[Any]]:
+    """Refuse unsafe paths here, before any host is contacted (the agent checks them again,
+    together with symlinks, which only the host can see)."""
+    try:
+        tar_agent.check_relative_path(plan.relative_path)
+        return [[tar_agent.check_relative_path(path), size] for path, size in plan.members]
+    except tar_agent.AgentError as exc:
+        raise agent_error(exc.kind, exc.message, describe(plan.source)) from None
+
+
+def _stream(
+    source: HostRunner, buffer: HostRunner, plan: PackagePlan, members: list[list[Any]]
+) -> dict[str, Any]:
+    """Build on the source's host, write on the buffer's host, the bytes passing through here.
+
+    The receiver gets the sender's checksum only after the last byte, and keeps the archive
+    only if what it wrote has that checksum and the predicted size.
+    """
+    started = time.monotonic()
+    need = tar_agent.predicted_size([(path, size) for path, size in members])
+    receiver = buffer.start(
+        "receive",
+        {"dest_root": plan.buffer.root, "dest_relative": plan.relative_path, "size": need},
+    )
+    try:
+        sender = source.start("send", {"source_root": plan.source.root, "members": members})
+    except BaseException:
+        receiver.abort()
+        raise
+    try:
+        _pump(sender, receiver, need)
+        sent = sender.wait()
+        receiver.write(f"{sent['checksum']}\n".encode("ascii"))
+        receiver.close_input()
+        received = receiver.wait()
+    except BaseException:
+        sender.abort()
+        receiver.abort()
+        raise
+    if received["checksum"] != sent["checksum"] or received["size"] != sent["size"]:
+        raise ArchiveVerificationError(  # the receiver checks this too; a second look is cheap
+            f"{describe(plan.buffer)}: received {received['size']} bytes with checksum "
+            f"{received['checksum']}, sent {sent['size']} with {sent['checksum']}"
+        )
+    return {**received, "seconds": time.monotonic() - started}
+
+
+def _pump(sender: AgentProcess, receiver: AgentProcess, need: int) -> None:
+    """Copy exactly ``need`` bytes; a side that stops early explains why through ``wait``."""
+    left = need
+    while left:
+        block = sender.read(min(left, PUMP_BLOCK))
+        if not block:
+            sender.wait()  # raises the sender's own error
+            raise ArchiveVerificationError(
+                f"the sender stopped after {need - left} of {need} bytes without an error"
+            )
+        try:
+            receiver.write(block)
+        except PackagingError:
+            receiver.wait()  # the receiver's own error (no space, ...) says more than a pipe
+            raise
+        left -= len(block)
+
+
+def verify(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> None:
     """Size and member headers against the plan; the data is not read a second time."""
-    runner.run("verify", {"path": archive.temp_path, "members": [list(m) for m in plan.members]})
+    hosts.runner_for(archive.buffer).run(
+        "verify", {"path": archive.temp_path, "members": [list(m) for m in plan.members]}
+    )
 
 
-def publish(runner: HostRunner, plan: PackagePlan, archive: AssembledArchive) -> str:
-    result = runner.run(
+def publish(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> str:
+    result = hosts.runner_for(archive.buffer).run(
         "publish",
         {
             "temp_path": archive.temp_path,
@@ -59,5 +156,5 @@ def publish(runner: HostRunner, plan: PackagePlan, archive: AssembledArchive) ->
     return str(result["path"])
 
 
-def discard(runner: HostRunner, archive: AssembledArchive) -> None:
-    runner.run("discard", {"temp_path": archive.temp_path})
+def discard(hosts: Hosts, archive: AssembledArchive) -> None:
+    hosts.runner_for(archive.buffer).run("discard", {"temp_path": archive.temp_path})

@@ -4,7 +4,9 @@ This module imports only Python's standard library on purpose: the same file run
 when we are the host that holds the files, and is shipped unchanged to a remote host and run
 there with ``python3`` otherwise, so a package has the same bytes and checksum wherever it is
 built. It is driven by JSON-able specs and answers with JSON-able results; failures are
-``AgentError`` with a ``kind`` the caller maps to its own error classes.
+``AgentError`` with a ``kind`` the caller maps to its own error classes. When the buffer is on
+another host, ``send`` writes the archive to a stream instead of a file and ``receive`` on the
+buffer's host writes that stream to a file, checking the sender's checksum before it counts.
 
 Archive format: GNU tar headers written by ``tarfile`` (integer mtimes, no user/group names),
 member data padded to 512 bytes, two zero blocks, padded to a 10240-byte record. Its size is
@@ -13,18 +15,23 @@ exactly predictable from member names and sizes, which catches truncation and sh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
+import io
 import json
 import os
 import queue
+import signal
 import stat
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 BLOCK = 512
@@ -35,7 +42,8 @@ ALGORITHM = "sha256"
 
 
 class AgentError(Exception):
-    """``kind`` is one of: unsafe_path, source_file, no_space, busy, verification, io."""
+    """``kind`` is one of: unsafe_path, source_file, no_space, busy, verification, io,
+    interrupted."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -191,13 +199,17 @@ class _Pipeline:
             if self._fill == BUFFER_SIZE:
                 self._flush()
 
-    def copy_from(self, fd: int, size: int, relative: str) -> None:
+    def copy_from(
+        self, read_into: Callable[[memoryview], int], size: int, short: AgentError
+    ) -> None:
+        """Copy exactly ``size`` bytes from a reader straight into the buffers; ``short`` is
+        raised if the reader ends first."""
         left = size
         while left:
-            room = memoryview(self._buf)[self._fill : self._fill + min(BUFFER_SIZE - self._fill, left)]
-            n = os.readv(fd, [room])
+            k = min(BUFFER_SIZE - self._fill, left)
+            n = read_into(memoryview(self._buf)[self._fill : self._fill + k])
             if n == 0:
-                raise AgentError("source_file", f"source file {relative!r} shrank while read")
+                raise short
             self._fill += n
             self.total += n
             left -= n
@@ -224,25 +236,26 @@ def _ensure_dir(root: str, relative_dir: str) -> str:
     return path
 
 
-def build(spec: dict[str, Any]) -> dict[str, Any]:
-    """Write the archive under a temporary name next to its final name, fsynced, and return
-    its size and checksum. Nothing is left behind on failure.
-
-    spec: source_root, members [[relative_path, filed_size], ...], dest_root, dest_relative.
-    """
-    started = time.monotonic()
+def _source(spec: dict[str, Any]) -> tuple[str, list[tuple[str, int]]]:
+    """The real source root and the checked members; every member is opened once up front so
+    bad input is refused before anything is written."""
     members = [(check_relative_path(p), int(s)) for p, s in spec["members"]]
-    dest_relative = check_relative_path(spec["dest_relative"])
     source_root = spec["source_root"]
     if not os.path.isdir(source_root):
         raise AgentError("io", f"source root {source_root!r} does not exist or is not a directory")
     root_real = os.path.realpath(source_root)
-    for relative, filed_size in members:  # refuse bad input before anything is written
+    for relative, filed_size in members:
         os.close(_open_member(root_real, relative, filed_size)[0])
-    dest_dir = _ensure_dir(spec["dest_root"], os.path.dirname(dest_relative))
-    base = os.path.basename(dest_relative)
-    need = predicted_size(members)
+    return root_real, members
 
+
+@contextlib.contextmanager
+def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterator[tuple[int, str]]:
+    """A new temporary file next to the archive's final name, under the package's lock and only
+    if ``need`` bytes fit; fsynced when the block succeeds, removed when it fails."""
+    dest_relative = check_relative_path(dest_relative)
+    dest_dir = _ensure_dir(dest_root, os.path.dirname(dest_relative))
+    base = os.path.basename(dest_relative)
     lock_fd = os.open(os.path.join(dest_dir, f".{base}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         try:
@@ -258,11 +271,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
             )
         fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
         try:
-            digest, total = _write_archive(fd, root_real, members)
-            if total != need:
-                raise AgentError(
-                    "verification", f"wrote {total} bytes but {need} were predicted"
-                )
+            yield fd, temp_path
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         except OSError as exc:
@@ -278,12 +287,83 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         os.close(fd)
     finally:
         os.close(lock_fd)
+
+
+def build(spec: dict[str, Any]) -> dict[str, Any]:
+    """Write the archive under a temporary name next to its final name, fsynced, and return
+    its size and checksum. Nothing is left behind on failure.
+
+    spec: source_root, members [[relative_path, filed_size], ...], dest_root, dest_relative.
+    """
+    started = time.monotonic()
+    root_real, members = _source(spec)
+    need = predicted_size(members)
+    with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
+        digest, total = _write_archive(fd, root_real, members)
+        if total != need:
+            raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
     return {
         "temp_path": temp_path,
         "size": total,
         "checksum": digest,
         "algorithm": ALGORITHM,
         "members": len(members),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def send(spec: dict[str, Any], out_fd: int) -> dict[str, Any]:
+    """Write the archive to ``out_fd`` instead of a file, for a buffer on another host: the
+    caller passes the bytes to ``receive`` there. Same bytes as ``build``.
+
+    spec: source_root, members [[relative_path, filed_size], ...].
+    """
+    started = time.monotonic()
+    root_real, members = _source(spec)
+    need = predicted_size(members)
+    digest, total = _write_archive(out_fd, root_real, members)
+    if total != need:
+        raise AgentError("verification", f"sent {total} bytes but {need} were predicted")
+    return {
+        "size": total,
+        "checksum": digest,
+        "algorithm": ALGORITHM,
+        "members": len(members),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def receive(spec: dict[str, Any], stream: io.BufferedReader) -> dict[str, Any]:
+    """Write an archive arriving on ``stream`` under a temporary name, hashing it on the way,
+    like ``build`` does. After exactly ``size`` bytes the stream carries one line, the sender's
+    checksum: it must equal the checksum of what arrived, else nothing is kept.
+
+    spec: dest_root, dest_relative, size (the predicted archive size).
+    """
+    started = time.monotonic()
+    need = int(spec["size"])
+    with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
+        pipe = _Pipeline(fd)
+        try:
+            short = AgentError("io", f"the archive stream ended before its {need} bytes arrived")
+            pipe.copy_from(stream.readinto, need, short)
+            pipe.finish()
+        except BaseException:
+            pipe.close()
+            raise
+        digest = pipe.digest.hexdigest()
+        sent = stream.readline(256).strip().decode("ascii", "replace")
+        if sent != digest:
+            raise AgentError(
+                "verification",
+                f"received {need} bytes with sha256 {digest}, but the sender's checksum was "
+                f"{sent or 'never sent'}",
+            )
+    return {
+        "temp_path": temp_path,
+        "size": need,
+        "checksum": digest,
+        "algorithm": ALGORITHM,
         "seconds": time.monotonic() - started,
     }
 
@@ -296,7 +376,8 @@ def _write_archive(out_fd: int, root_real: str, members: list[tuple[str, int]]) 
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 pipe.emit(_header(relative, st))
-                pipe.copy_from(fd, st.st_size, relative)
+                short = AgentError("source_file", f"source file {relative!r} shrank while read")
+                pipe.copy_from(functools.partial(_readv, fd), st.st_size, short)
                 if os.fstat(fd).st_size != st.st_size:
                     raise AgentError("source_file", f"source file {relative!r} changed while read")
             finally:
@@ -309,6 +390,10 @@ def _write_archive(out_fd: int, root_real: str, members: list[tuple[str, int]]) 
         pipe.close()
         raise
     return pipe.digest.hexdigest(), pipe.total
+
+
+def _readv(fd: int, view: memoryview) -> int:
+    return os.readv(fd, [view])
 
 
 def _remove_partials(dest_dir: str, base: str) -> None:
@@ -373,7 +458,8 @@ COMMANDS = {"build": build, "verify": verify, "publish": publish, "discard": dis
 
 
 def run_command(command: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch one command; the only entry point callers use."""
+    """Dispatch one command that needs nothing but its spec (``send`` and ``receive`` also
+    need a stream and are called directly)."""
     try:
         handler = COMMANDS[command]
     except KeyError:
@@ -381,19 +467,69 @@ def run_command(command: str, spec: dict[str, Any]) -> dict[str, Any]:
     return handler(spec)
 
 
+STOP_GRACE_SECONDS = 30
+
+
+def _stop_when_caller_leaves(stdin: io.BufferedReader) -> None:
+    """Stop this command once its stdin ends.
+
+    A remote caller holds our stdin open for as long as it waits for the result, and sshd
+    closes it when the connection drops or the caller gives up; a timeout on the caller's side
+    does not stop a remote process by itself. The SIGTERM becomes an ``AgentError`` in the main
+    thread, whose way out removes the temporary file; if that hangs, exit anyway.
+    """
+
+    def watch() -> None:
+        while stdin.read1(1 << 16):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_SECONDS)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, _interrupted)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise AgentError("interrupted", "stopped because the caller went away (connection closed)")
+
+
 def main(argv: list[str]) -> int:
-    """``python3 tar_agent.py COMMAND SPEC.json``: one JSON line on stdout, exit 0 or 3."""
-    command, spec_path = argv[1], argv[2]
-    with open(spec_path, encoding="utf-8") as handle:
-        spec = json.load(handle)
+    """``python3 tar_agent.py COMMAND SPEC``: one JSON result line, exit 0 or 3.
+
+    SPEC is a JSON file, or ``-``: then the spec is the first line on stdin, and the rest of
+    stdin is the archive for ``receive`` and otherwise the caller's lifeline (its end stops the
+    command). The result line goes to stdout, except for ``send``, whose stdout is the archive:
+    its result is the last line on stderr.
+    """
+    command, spec_arg = argv[1], argv[2]
+    stdin = open(0, "rb", closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if spec_arg == "-":
+        spec = json.loads(stdin.readline())
+        if command != "receive":
+            _stop_when_caller_leaves(stdin)
+    else:
+        with open(spec_arg, encoding="utf-8") as handle:
+            spec = json.load(handle)
+    report = sys.stderr if command == "send" else sys.stdout
     try:
-        result: dict[str, Any] = {"ok": run_command(command, spec)}
+        if command == "send":
+            outcome = send(spec, sys.stdout.fileno())
+        elif command == "receive":
+            outcome = receive(spec, stdin)
+        else:
+            outcome = run_command(command, spec)
+        result: dict[str, Any] = {"ok": outcome}
         code = 0
     except AgentError as exc:
         result, code = {"error": {"kind": exc.kind, "message": exc.message}}, 3
     except OSError as exc:
         result, code = {"error": {"kind": "io", "message": str(exc)}}, 3
-    sys.stdout.write(json.dumps(result) + "\n")
+    try:
+        report.write(json.dumps(result) + "\n")
+        report.flush()
+    except OSError:
+        pass  # nobody is listening any more: the connection is gone
     return code
 
 

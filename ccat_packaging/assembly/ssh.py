@@ -1,0 +1,392 @@
+"""Assembly on another host over SSH: Fabric 3 for the connection, one channel per command.
+
+One connection per (user, host, port) per run, opened on first use and verified against a
+known-hosts file. The agent (``tar_agent.py``, standard library only) is uploaded once by SFTP
+to a path named after its content, and each command runs it on its own channel as
+``exec PYTHON -I -S AGENT COMMAND -``: a constant command line, so no file name ever reaches a
+shell and no line can grow past the kernel's argument limit. The spec is the first line on the
+channel's stdin, written with paramiko directly (Fabric's ``in_stream`` feeds ~100 B/s and
+mangles non-UTF-8 bytes), and stdin then stays open until the result is in: when the
+connection drops or the worker gives up, sshd closes it and the agent stops and removes its
+temporary file, whereas a Fabric command timeout would leave it running.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import getpass
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shlex
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+from fabric import Config, Connection
+
+from ccat_packaging.assembly import tar_agent
+from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
+from ccat_packaging.claiming import Endpoint
+from ccat_packaging.errors import (
+    AuthenticationFailedError,
+    CommandTimeoutError,
+    ConfigurationError,
+    ConnectionDroppedError,
+    HostKeyError,
+    HostUnreachableError,
+    PackagingError,
+)
+
+_CTR_CIPHERS = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
+
+# Errors paramiko and the socket layer raise when a connection cannot be made or breaks.
+_NETWORK_ERRORS = (OSError, paramiko.SSHException, EOFError)
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How to reach remote hosts; see ``AssemblyHosts`` for what each field means."""
+
+    key_filename: str | None = None
+    key_passphrase: str | None = None
+    known_hosts: str | None = None
+    trust_unknown_hosts: bool = False
+    connect_timeout: int = 15
+    command_timeout: int = 4 * 3600
+    keepalive_seconds: int = 30
+    remote_python: str = "/usr/bin/python3"
+    remote_dir: str = ".cache/ccat-packaging"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The key's SHA256 fingerprint as ``ssh-keygen -l`` prints it."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"{key.get_name()} SHA256:{digest}"
+
+
+class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    def __init__(self, known_hosts: str, where: str) -> None:
+        self._known_hosts = known_hosts
+        self._where = where
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
+        raise HostKeyError(
+            f"{self._where}: host {hostname} offered {fingerprint(key)}, which is not in the "
+            f"known hosts file {self._known_hosts}; refusing to connect. Add the host's key "
+            "there (ssh-keyscan, checked against the host), or set trust_unknown_hosts"
+        )
+
+
+@functools.cache
+def _agent_source() -> bytes:
+    return Path(tar_agent.__file__).read_bytes()
+
+
+class SshHosts:
+    """The SSH connections of one run, one per (user, host, port), shared by all its steps."""
+
+    def __init__(self, settings: SshSettings) -> None:
+        self.settings = settings
+        self._sessions: dict[tuple[str, str, int], _Session] = {}
+
+    def runner(self, endpoint: Endpoint, hosts: Hosts) -> SshRunner:
+        user = endpoint.user or getpass.getuser()
+        key = (user, endpoint.host.lower(), endpoint.port)
+        if key not in self._sessions:
+            self._sessions[key] = _Session(user, endpoint.host, endpoint.port, self.settings)
+        return SshRunner(self._sessions[key], endpoint, hosts)
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+
+
+class SshRunner:
+    """Runs agent commands for one location on its host, over the run's connection there."""
+
+    via_ssh = True
+
+    def __init__(self, session: _Session, endpoint: Endpoint, hosts: Hosts) -> None:
+        self.host = endpoint.host
+        self.machine = session.name
+        self._session = session
+        self._hosts = hosts
+        self._where = describe(endpoint, session.name)
+
+    def runner_for(self, endpoint: Endpoint) -> HostRunner:
+        return self._hosts.runner_for(endpoint)
+
+    def run(self, command: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.start(command, spec).wait()
+
+    def start(self, command: str, spec: dict[str, Any]) -> AgentProcess:
+        channel = self._session.start_agent(command, self._where)
+        process = _ChannelProcess(channel, command, self._where, self._session.settings)
+        process.write(json.dumps(spec).encode("ascii") + b"\n")
+        return process
+
+
+class _Session:
+    """One host's connection, opened (again) on demand, and where its agent copy lives."""
+
+    def __init__(self, user: str, host: str, port: int, settings: SshSettings) -> None:
+        self.user, self.host, self.port = user, host, port
+        self.name = f"{user}@{host}:{port}"
+        self.settings = settings
+        self._connection: Connection | None = None
+        self._agent_path: str | None = None
+
+    def start_agent(self, command: str, where: str) -> paramiko.Channel:
+        """A channel running the agent's ``command``, waiting for its spec on stdin."""
+        connection = self._connect(where)
+        try:
+            if self._agent_path is None:
+                self._agent_path = self._install_agent(connection)
+            argv = [self.settings.remote_python, "-I", "-S", self._agent_path, command, "-"]
+            channel = connection.transport.open_session(timeout=self.settings.connect_timeout)
+            channel.settimeout(self.settings.command_timeout)
+            channel.exec_command("exec " + shlex.join(argv))
+        except PermissionError as exc:
+            raise ConfigurationError(
+                f"{where}: cannot install the tar agent under {self.settings.remote_dir!r} "
+                f"in the home of {self.user}: {exc}"
+            ) from None
+        except _NETWORK_ERRORS as exc:
+            self.close()
+            raise ConnectionDroppedError(
+                f"{where}: the connection broke while starting {command}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        return channel
+
+    def _connect(self, where: str) -> Connection:
+        if self._connection is not None and self._connection.is_connected:
+            return self._connection
+        self.close()
+        settings = self.settings
+        connect_kwargs: dict[str, Any] = {
+            "banner_timeout": settings.connect_timeout,
+            "auth_timeout": settings.connect_timeout,
+            # paramiko prefers AES-CTR, whose separate MAC costs ~40 % of streaming throughput;
+            # without it, AES-GCM is chosen (CBC remains for servers that lack GCM).
+            "disabled_algorithms": {"ciphers": _CTR_CIPHERS},
+        }
+        if settings.key_filename:
+            # Only the configured key: no agent, no ~/.ssh keys tried behind our back.
+            connect_kwargs.update(pkey=self._key(where), look_for_keys=False, allow_agent=False)
+        connection = Connection(
+            self.host,
+            user=self.user,
+            port=self.port,
+            config=Config(overrides={"load_ssh_configs": False}),
+            connect_timeout=settings.connect_timeout,
+            connect_kwargs=connect_kwargs,
+        )
+        try:
+            self._check_host_keys(connection.client, where)
+            connection.open()
+            connection.transport.set_keepalive(settings.keepalive_seconds)
+        except paramiko.BadHostKeyException as exc:
+            _discard(connection)
+            raise HostKeyError(
+                f"{where}: host {self.host}:{self.port} offered {fingerprint(exc.key)}, but the "
+                f"known hosts file has {fingerprint(exc.expected_key)}; refusing to connect. If "
+                "the host's key was changed on purpose, update the known hosts file"
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            _discard(connection)
+            raise AuthenticationFailedError(
+                f"{where}: {self.user} could not log in with the configured key: {exc}"
+            ) from None
+        except PackagingError:
+            _discard(connection)
+            raise
+        except _NETWORK_ERRORS as exc:
+            _discard(connection)
+            raise HostUnreachableError(
+                f"{where}: cannot connect to {self.host}:{self.port}: {type(exc).__name__}: {exc}",
+                host=self.host,
+            ) from None
+        self._connection = connection
+        return connection
+
+    def _key(self, where: str) -> paramiko.PKey:
+        """The configured private key, read here so that a missing file or a wrong passphrase
+        is reported as such rather than as a connection failure."""
+        path = str(self.settings.key_filename)
+        passphrase = self.settings.key_passphrase
+        try:  # positional: the argument's name changed in paramiko 5
+            return paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)
+        except (OSError, paramiko.SSHException, ValueError) as exc:
+            raise ConfigurationError(
+                f"{where}: cannot load the SSH key file {path}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _check_host_keys(self, client: paramiko.SSHClient, where: str) -> None:
+        """Fabric accepts any host key by default; here only known ones pass, unless the
+        deployment opted into recording new keys (a changed key is refused regardless)."""
+        path = self.settings.known_hosts
+        if path:
+            if not os.path.exists(path):
+                if not self.settings.trust_unknown_hosts:
+                    raise ConfigurationError(f"{where}: known hosts file {path} does not exist")
+                Path(path).touch(mode=0o600)
+            client.load_host_keys(path)  # new keys trusted below are saved here
+        else:
+            client.load_system_host_keys()
+        if self.settings.trust_unknown_hosts:
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        else:
+            client.set_missing_host_key_policy(
+                _RefuseUnknownHostKey(path or "~/.ssh/known_hosts", where)
+            )
+
+    def _install_agent(self, connection: Connection) -> str:
+        """Upload the agent unless this exact version is there already; the rename makes a
+        half-uploaded copy impossible to run."""
+        source = _agent_source()
+        sftp = connection.sftp()
+        directory = self.settings.remote_dir
+        if not posixpath.isabs(directory):
+            directory = posixpath.join(sftp.normalize("."), directory)
+        _sftp_makedirs(sftp, directory)
+        path = posixpath.join(directory, f"tar_agent-{hashlib.sha256(source).hexdigest()[:16]}.py")
+        try:
+            sftp.stat(path)
+            return path
+        except FileNotFoundError:
+            pass
+        partial = f"{path}.{uuid.uuid4().hex}.partial"
+        sftp.putfo(io.BytesIO(source), partial)
+        sftp.posix_rename(partial, path)
+        return path
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def _discard(connection: Connection) -> None:
+    """Close a connection whose opening failed: Fabric's ``close`` skips those, which would
+    leave paramiko's transport (socket and thread) behind."""
+    connection.client.close()
+    connection.close()
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    current = ""
+    for part in path.strip("/").split("/"):
+        current += "/" + part
+        try:
+            sftp.stat(current)
+        except FileNotFoundError:
+            try:
+                sftp.mkdir(current, 0o700)
+            except OSError:
+                sftp.stat(current)  # another worker made it meanwhile; else this raises
+
+
+class _ChannelProcess:
+    """An agent command on an SSH channel: archive bytes on stdout/stdin, result line at the end."""
+
+    def __init__(
+        self, channel: paramiko.Channel, command: str, where: str, settings: SshSettings
+    ) -> None:
+        self._channel = channel
+        self._command = command
+        self._where = where
+        self._timeout = settings.command_timeout
+        self._remote_python = settings.remote_python
+
+    def _broken(self, exc: BaseException) -> PackagingError:
+        self.abort()
+        if isinstance(exc, TimeoutError):
+            return CommandTimeoutError(
+                f"{self._where}: the agent ({self._command}) was silent for {self._timeout} s; "
+                "the channel was closed, which stops it"
+            )
+        return ConnectionDroppedError(
+            f"{self._where}: the connection dropped during {self._command}: "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+    def read(self, size: int) -> bytes:
+        try:
+            return bytes(self._channel.recv(size))
+        except _NETWORK_ERRORS as exc:
+            raise self._broken(exc) from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._channel.sendall(data)
+        except _NETWORK_ERRORS as exc:
+            raise self._broken(exc) from None
+
+    def close_input(self) -> None:
+        try:
+            self._channel.shutdown_write()
+        except _NETWORK_ERRORS as exc:
+            raise self._broken(exc) from None
+
+    def wait(self) -> dict[str, Any]:
+        try:
+            out = _drain(self._channel.recv)
+            err = _drain(self._channel.recv_stderr)
+            if not self._channel.status_event.wait(self._timeout):
+                raise TimeoutError()
+            status = self._channel.recv_exit_status()
+        except _NETWORK_ERRORS as exc:
+            raise self._broken(exc) from None
+        finally:
+            self.abort()
+        result = _result_line(err if self._command == "send" else out)
+        if result is not None and "ok" in result:
+            return dict(result["ok"])
+        if result is not None and "error" in result:
+            error = result["error"]
+            raise agent_error(str(error["kind"]), str(error["message"]), self._where)
+        stderr = err.decode("utf-8", "replace").strip()[-2000:]
+        if status == -1:
+            raise ConnectionDroppedError(
+                f"{self._where}: the connection dropped during {self._command}"
+            )
+        if status in (126, 127):
+            raise ConfigurationError(
+                f"{self._where}: cannot run {self._remote_python} (exit {status}): {stderr}"
+            )
+        raise PackagingError(
+            f"{self._where}: the agent ({self._command}) exited with status {status} "
+            f"without a result: {stderr or 'no output'}"
+        )
+
+    def abort(self) -> None:
+        with contextlib.suppress(*_NETWORK_ERRORS):  # closing a dead channel raises EOFError
+            self._channel.close()
+
+
+def _drain(recv: Any) -> bytes:
+    chunks = []
+    while chunk := recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _result_line(output: bytes) -> dict[str, Any] | None:
+    """The agent's JSON result: its last line (login files may print before it)."""
+    for line in reversed(output.splitlines()):
+        try:
+            parsed = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(parsed, dict) and ("ok" in parsed or "error" in parsed):
+            return parsed
+    return None

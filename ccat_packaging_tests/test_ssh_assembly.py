@@ -1,0 +1,558 @@
+"""Assembly over real SSH: the same bytes as locally, hostile names, refusals, failures.
+
+The runners get the package's members directly here. That is the only way to test names that
+are not UTF-8: the operations database stores ``relative_path`` as text, so such files cannot
+be filed through it. Every other name of the corpus also goes through the Dagster job end to
+end in ``test_ssh_job.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ccat_packaging.assembly import archive
+from ccat_packaging.assembly.archive import AssembledArchive
+from ccat_packaging.assembly.hosts import is_same_host
+from ccat_packaging.claiming import Endpoint, PackagePlan
+from ccat_packaging.errors import (
+    AuthenticationFailedError,
+    CommandTimeoutError,
+    ConfigurationError,
+    HostKeyError,
+    HostUnreachableError,
+    InsufficientSpaceError,
+    PackagingError,
+    RetryableError,
+    SourceFileError,
+    UnsafePathError,
+)
+from ccat_packaging.resources import AssemblyHosts
+from ccat_packaging_tests.sshd import SshLab, SshServer, free_port, keygen, running_sshd
+
+pytest_plugins = ["ccat_packaging_tests.ssh_fixtures"]
+
+# Names a shell, tar's option parser or a newline-separated list would get wrong. Each one that
+# could run something would create a PWNED* file.
+HOSTILE_NAMES = [
+    "with space.dat",
+    "  lead and trail  ",
+    "tab\there.dat",
+    "new\nline.dat",
+    "carriage\rreturn.dat",
+    "quote'single.dat",
+    'quote"double.dat',
+    "back\\slash\\n.dat",
+    "$(touch PWNED_subst).dat",
+    "`touch PWNED_tick`.dat",
+    "semi;touch PWNED_semi;.dat",
+    "pipe|touch PWNED_pipe.dat",
+    "amp&&touch PWNED_amp.dat",
+    "redirect>PWNED_redirect.dat",
+    "star*?[x].dat",
+    "-C",
+    "-rf",
+    "--remove-files",
+    "--to-command=touch PWNED_option",
+    "-dir/--checkpoint-action=exec=touch PWNED_cp/-x.dat",
+    "ünïcödé/café ☕.dat",
+    "n" * 99 + ".x",  # 101 bytes: just past the 100-byte tar name field
+    "long/" + "m" * 200 + "/" + "k" * 250 + ".dat",
+    "/".join(f"level{i:02d}" for i in range(40)) + "/deep.dat",
+]
+# Stored with surrogateescape, as os.fsdecode gives them; on disk these are the raw bytes.
+NON_UTF8_NAMES = ["latin1-\udce9t\udce9.dat", "raw bytes/\udcff\udcfe\udc80.bin"]
+
+
+def _byte_order(members: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(members, key=lambda m: os.fsencode(m[0])))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    root: Path
+    contents: dict[str, bytes]
+
+    @property
+    def members(self) -> tuple[tuple[str, int], ...]:
+        return _byte_order([(name, len(data)) for name, data in self.contents.items()])
+
+
+def write_tree(root: Path, contents: dict[str, bytes]) -> None:
+    for name, data in contents.items():
+        path = os.path.join(os.fsencode(root), os.fsencode(name))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    root = tmp_path_factory.mktemp("hostile_source")
+    names = HOSTILE_NAMES + NON_UTF8_NAMES
+    contents = {name: os.urandom(100 + 997 * i) for i, name in enumerate(names)}
+    contents["empty.dat"] = b""
+    write_tree(root, contents)
+    return Corpus(root, contents)
+
+
+def local(root: Path, name: str = "local", location_id: int = 10) -> Endpoint:
+    return Endpoint(location_id, name, "localhost", None, 22, str(root))
+
+
+def plan_for(
+    source: Endpoint, buffer: Endpoint, members: tuple[tuple[str, int], ...]
+) -> PackagePlan:
+    return PackagePlan(1, "pkg", "grp", 1, "site/eou1/pkg.tar", source, buffer, members)
+
+
+def package(hosts: AssemblyHosts, plan: PackagePlan) -> tuple[AssembledArchive, Path]:
+    built = archive.assemble(hosts, plan)
+    archive.verify(hosts, plan, built)
+    return built, Path(archive.publish(hosts, plan, built))
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Files other than lock files: partial archives, stray outputs."""
+    return sorted(p.name for p in directory.rglob("*") if p.is_file() and ".lock" not in p.name)
+
+
+def remote_agents() -> list[str]:
+    """Command lines of running agents that were uploaded to a host (local runs never are)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"tar_agent-" in command:
+            found.append(command.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def eventually(check: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+MakeHosts = Callable[..., AssemblyHosts]
+
+
+@pytest.fixture
+def make_hosts(ssh_lab: SshLab) -> Iterator[MakeHosts]:
+    """``AssemblyHosts`` for the lab with some settings changed, closed after the test."""
+    made: list[AssemblyHosts] = []
+
+    def make(**settings: object) -> AssemblyHosts:
+        made.append(ssh_lab.hosts(**settings))
+        return made[-1]
+
+    yield make
+    for resource in made:
+        resource.close()
+
+
+@pytest.fixture
+def hosts(make_hosts: MakeHosts) -> AssemblyHosts:
+    return make_hosts()
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The corpus packaged locally, without SSH: what every other way must reproduce."""
+    buffer = tmp_path_factory.mktemp("reference_buffer")
+    plan = plan_for(local(corpus.root, "src"), local(buffer, "buf"), corpus.members)
+    _, path = package(AssemblyHosts(), plan)
+    return path.read_bytes()
+
+
+def test_loopback_addresses_of_the_test_hosts_are_not_this_machine() -> None:
+    assert not is_same_host("127.0.0.2")
+    assert not is_same_host("127.0.0.3")
+    assert is_same_host("localhost")
+    assert is_same_host("127.0.0.1")
+    assert is_same_host(os.uname().nodename)
+
+
+TOPOLOGIES = {
+    "ssh source, buffer on the same host": ("a", "a"),
+    "ssh source, buffer on another ssh host": ("a", "b"),
+    "ssh source, buffer on this machine": ("a", "local"),
+    "local source, buffer on an ssh host": ("local", "b"),
+}
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_archive_is_byte_identical_to_the_local_one_and_nothing_is_executed(
+    topology: str,
+    ssh_lab: SshLab,
+    hosts: AssemblyHosts,
+    corpus: Corpus,
+    reference: bytes,
+    tmp_path: Path,
+) -> None:
+    source_at, buffer_at = TOPOLOGIES[topology]
+    servers = {"a": ssh_lab.a, "b": ssh_lab.b}
+
+    def endpoint(at: str, root: Path, name: str) -> Endpoint:
+        return local(root, name) if at == "local" else servers[at].endpoint(root, name)
+
+    (tmp_path / "buffer").mkdir()
+    source = endpoint(source_at, corpus.root, "src")
+    plan = plan_for(source, endpoint(buffer_at, tmp_path / "buffer", "buf"), corpus.members)
+
+    built, path = package(hosts, plan)
+
+    assert path.read_bytes() == reference
+    assert built.checksum == hashlib.sha256(reference).hexdigest()
+    assert built.via_ssh == (source_at != "local")
+    assert built.host == (
+        servers[source_at].address if source_at != "local" else os.uname().nodename
+    )
+    with tarfile.open(path, encoding="utf-8", errors="surrogateescape") as tar:
+        listed = [(m.name, m.size) for m in tar]
+        assert listed == list(corpus.members)
+        for name, data in corpus.contents.items():
+            member = tar.extractfile(name)
+            assert member is not None and member.read() == data, name
+    assert leftovers(tmp_path / "buffer") == ["pkg.tar"]
+    for place in (corpus.root, tmp_path, Path.home(), Path.cwd(), Path("/tmp")):
+        assert list(place.glob("PWNED*")) == [], place
+
+    again = archive.assemble(hosts, plan)  # re-running gives the same bytes
+    assert again.checksum == built.checksum
+    archive.discard(hosts, again)
+
+
+@pytest.mark.parametrize("bad", ["../outside.dat", "/etc/passwd", "a/../../x.dat", "nul\0.dat"])
+def test_paths_escaping_their_root_are_refused_before_any_host_is_contacted(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path, bad: str
+) -> None:
+    # A key file that does not exist: contacting the host would fail with another error.
+    hosts = make_hosts(key_filename=str(tmp_path / "no-such-key"))
+    plan = plan_for(
+        ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.b.endpoint(tmp_path, "buf"), ((bad, 1),)
+    )
+    with pytest.raises(UnsafePathError, match=r"location 'src' on 127\.0\.0\.2") as info:
+        archive.assemble(hosts, plan)
+    assert not info.value.retryable
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["dirlink/secret.key", "filelink.dat"])
+def test_symlinks_leading_out_of_the_root_are_refused_on_the_remote_host(
+    ssh_lab: SshLab, hosts: AssemblyHosts, tmp_path: Path, name: str
+) -> None:
+    source, outside, buffer = tmp_path / "src", tmp_path / "outside", tmp_path / "buf"
+    for directory in (source, outside, buffer):
+        directory.mkdir()
+    (outside / "secret.key").write_bytes(b"secret")
+    (source / "dirlink").symlink_to(outside)
+    (source / "filelink.dat").symlink_to(outside / "secret.key")
+    plan = plan_for(
+        ssh_lab.a.endpoint(source, "src"), ssh_lab.a.endpoint(buffer, "buf"), ((name, 6),)
+    )
+    with pytest.raises(
+        UnsafePathError, match=rf"location 'src' on root@127\.0\.0\.2:\d+: .*{name}"
+    ):
+        archive.assemble(hosts, plan)
+    assert leftovers(buffer) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "changed size"])
+@pytest.mark.parametrize("buffer_at", ["a", "b"])
+def test_missing_or_changed_source_file_is_a_clear_permanent_error(
+    ssh_lab: SshLab, hosts: AssemblyHosts, tmp_path: Path, case: str, buffer_at: str
+) -> None:
+    source, buffer = tmp_path / "src", tmp_path / "buf"
+    buffer.mkdir()
+    write_tree(source, {"ok.dat": b"fine", "obs/bad file.dat": b"12345"})
+    if case == "missing":
+        (source / "obs" / "bad file.dat").unlink()
+    else:
+        (source / "obs" / "bad file.dat").write_bytes(b"123456")
+    members = (("obs/bad file.dat", 5), ("ok.dat", 4))
+    server = ssh_lab.a if buffer_at == "a" else ssh_lab.b
+    plan = plan_for(ssh_lab.a.endpoint(source, "src"), server.endpoint(buffer, "buf"), members)
+    with pytest.raises(
+        SourceFileError, match=r"location 'src' on .*127\.0\.0\.2.*'obs/bad file\.dat'"
+    ):
+        archive.assemble(hosts, plan)
+    assert eventually(lambda: leftovers(buffer) == [])
+
+
+def test_unknown_host_key_is_refused(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(ssh_lab.b.known_hosts_line + "\n")  # a's key is not there
+    hosts = make_hosts(known_hosts=str(known_hosts))
+    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    with pytest.raises(
+        HostKeyError, match=r"127\.0\.0\.2\]:\d+ offered ssh-ed25519 SHA256:.* not in"
+    ) as info:
+        archive.assemble(hosts, plan)
+    assert not info.value.retryable
+
+
+def test_changed_host_key_is_refused_even_when_trusting_new_hosts(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    other_key = keygen(tmp_path / "impostor")
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{ssh_lab.a.address}]:{ssh_lab.a.port} {other_key}\n")
+    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    for trust in (False, True):
+        hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=trust)
+        with pytest.raises(HostKeyError, match="but the known hosts file has") as info:
+            archive.assemble(hosts, plan)
+        assert not info.value.retryable
+
+
+def test_trusting_unknown_hosts_is_an_opt_in_that_records_the_key(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    (tmp_path / "buf").mkdir()
+    write_tree(tmp_path / "src", {"a.dat": b"abc"})
+    plan = plan_for(
+        ssh_lab.a.endpoint(tmp_path / "src", "src"),
+        ssh_lab.a.endpoint(tmp_path / "buf", "buf"),
+        (("a.dat", 3),),
+    )
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan)
+    hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=True)
+    archive.assemble(hosts, plan)
+    hosts.close()
+    assert ssh_lab.a.host_public_key.split()[1] in known_hosts.read_text()
+    archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan)  # now a known host
+
+
+def test_a_key_the_host_does_not_accept_is_an_authentication_error(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    keygen(tmp_path / "stranger")
+    hosts = make_hosts(key_filename=str(tmp_path / "stranger"))
+    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    with pytest.raises(AuthenticationFailedError, match="root could not log in") as info:
+        archive.assemble(hosts, plan)
+    assert not info.value.retryable
+
+
+def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: Path) -> None:
+    public = keygen(tmp_path / "locked", passphrase="correct horse")
+    with running_sshd("127.0.0.5", tmp_path / "host", [public]) as server:
+        (tmp_path / "known_hosts").write_text(server.known_hosts_line + "\n")
+        write_tree(tmp_path / "src", {"a.dat": b"abc"})
+        (tmp_path / "buf").mkdir()
+        plan = plan_for(
+            server.endpoint(tmp_path / "src", "src"),
+            server.endpoint(tmp_path / "buf", "buf"),
+            (("a.dat", 3),),
+        )
+        for passphrase in ("wrong", "correct horse"):
+            hosts = AssemblyHosts(
+                key_filename=str(tmp_path / "locked"),
+                key_passphrase=passphrase,
+                known_hosts=str(tmp_path / "known_hosts"),
+            )
+            try:
+                if passphrase == "wrong":
+                    with pytest.raises(ConfigurationError, match="cannot load the SSH key"):
+                        archive.assemble(hosts, plan)
+                else:
+                    archive.assemble(hosts, plan)
+            finally:
+                hosts.close()
+
+
+def test_an_unreachable_host_is_retryable(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    closed = Endpoint(1, "src", "127.0.0.4", "root", free_port("127.0.0.4"), str(tmp_path))
+    with pytest.raises(HostUnreachableError, match=r"location 'src' on root@127\.0\.0\.4") as info:
+        archive.assemble(make_hosts(), plan_for(closed, closed, ()))
+    assert info.value.retryable
+
+
+@contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("buffer_at", ["a", "b"])
+def test_not_enough_space_at_the_buffer_is_a_clear_error(
+    ssh_lab: SshLab, hosts: AssemblyHosts, tmp_path: Path, buffer_at: str
+) -> None:
+    write_tree(tmp_path / "src", {"big.dat": os.urandom(3 << 20)})
+    server = ssh_lab.a if buffer_at == "a" else ssh_lab.b
+    with tmpfs(tmp_path / "small_disk", "2m") as small_disk:
+        plan = plan_for(
+            ssh_lab.a.endpoint(tmp_path / "src", "src"),
+            server.endpoint(small_disk, "small_buffer"),
+            (("big.dat", 3 << 20),),
+        )
+        with pytest.raises(
+            InsufficientSpaceError, match=r"not enough space in .*small_disk"
+        ) as info:
+            archive.assemble(hosts, plan)
+        assert "location 'small_buffer'" in str(info.value)
+        assert not info.value.retryable
+        assert eventually(lambda: leftovers(small_disk) == [])
+
+
+def sparse_tree(root: Path, files: int, size: int) -> tuple[tuple[str, int], ...]:
+    """Large files that cost no disk space: reading them is fast, so the archive is written
+    at full speed."""
+    root.mkdir(parents=True)
+    for i in range(files):
+        with open(root / f"frame_{i}.dat", "wb") as handle:
+            handle.truncate(size)
+    return tuple((f"frame_{i}.dat", size) for i in range(files))
+
+
+@dataclass
+class Crashable:
+    server: SshServer
+    hosts: AssemblyHosts
+
+
+@pytest.fixture
+def crashable(ssh_lab: SshLab, make_hosts: MakeHosts, tmp_path: Path) -> Iterator[Crashable]:
+    """A host of its own (127.0.0.6) that a test may crash."""
+    public = ssh_lab.client_key.with_suffix(".pub").read_text()
+    with running_sshd("127.0.0.6", tmp_path / "crash_host", [public]) as server:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(f"{server.known_hosts_line}\n{ssh_lab.b.known_hosts_line}\n")
+        yield Crashable(server, make_hosts(known_hosts=str(known_hosts)))
+
+
+CRASHES = {
+    "building in place on the crashed host": ("crash", "crash"),
+    "sending from the crashed host to this machine": ("crash", "local"),
+    "receiving on the crashed host from this machine": ("local", "crash"),
+}
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_sshd_crash_mid_assembly_is_retryable_and_leaves_nothing_running_or_written(
+    crashable: Crashable, tmp_path: Path, crash: str
+) -> None:
+    source_at, buffer_at = CRASHES[crash]
+    members = sparse_tree(tmp_path / "src", files=4, size=1 << 30)
+    with tmpfs(tmp_path / "buffer", "5g") as buffer:
+        crashed = crashable.server
+
+        def endpoint(at: str, root: Path, name: str) -> Endpoint:
+            return local(root, name) if at == "local" else crashed.endpoint(root, name)
+
+        plan = plan_for(
+            endpoint(source_at, tmp_path / "src", "src"),
+            endpoint(buffer_at, buffer, "buf"),
+            members,
+        )
+        outcome: list[BaseException | AssembledArchive] = []
+
+        def assemble() -> None:
+            try:
+                outcome.append(archive.assemble(crashable.hosts, plan))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=assemble)
+        worker.start()
+        partial = buffer / "site" / "eou1"
+        assert eventually(
+            lambda: any(p.stat().st_size > 0 for p in partial.glob(".pkg.tar.partial.*")), 30
+        ), "the archive was never started"
+        crashed.crash()
+        worker.join(60)
+
+        [error] = outcome
+        assert isinstance(error, RetryableError), error
+        assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
+        assert eventually(lambda: remote_agents() == []), remote_agents()
+        assert not (partial / "pkg.tar").exists()
+
+
+def test_a_command_timeout_stops_the_remote_agent(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    members = sparse_tree(tmp_path / "src", files=8, size=1 << 30)
+    hosts = make_hosts(command_timeout=1)
+    with tmpfs(tmp_path / "buffer", "9g") as buffer:
+        plan = plan_for(
+            ssh_lab.a.endpoint(tmp_path / "src", "src"), ssh_lab.a.endpoint(buffer, "buf"), members
+        )
+        with pytest.raises(CommandTimeoutError, match="silent for 1 s") as info:
+            archive.assemble(hosts, plan)
+        assert info.value.retryable
+        assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
+        assert eventually(lambda: remote_agents() == []), remote_agents()
+    hosts.close()
+
+
+def test_one_connection_per_host_is_reused_across_steps(
+    ssh_lab: SshLab, hosts: AssemblyHosts, corpus: Corpus, tmp_path: Path
+) -> None:
+    def connections() -> int:
+        ports = f"( dport = :{ssh_lab.a.port} or dport = :{ssh_lab.b.port} )"
+        listing = subprocess.run(
+            ["ss", "-Htn", "state", "established", ports], capture_output=True, text=True
+        )
+        return len(listing.stdout.splitlines())
+
+    before = connections()
+    plan = plan_for(
+        ssh_lab.a.endpoint(corpus.root, "src"), ssh_lab.b.endpoint(tmp_path, "buf"), corpus.members
+    )
+    built = archive.assemble(hosts, plan)
+    archive.verify(hosts, plan, built)
+    archive.discard(hosts, built)
+    archive.assemble(hosts, plan)
+    assert connections() - before == 2
+    hosts.close()
+    assert eventually(lambda: connections() == before)
+
+
+def test_a_missing_key_file_is_a_configuration_error(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    hosts = make_hosts(key_filename=str(tmp_path / "missing"))
+    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    with pytest.raises(
+        ConfigurationError, match=r"cannot load the SSH key file .*FileNotFoundError"
+    ):
+        archive.assemble(hosts, plan)
+
+
+def test_errors_name_location_and_host(
+    ssh_lab: SshLab, hosts: AssemblyHosts, tmp_path: Path
+) -> None:
+    plan = plan_for(
+        ssh_lab.a.endpoint(tmp_path / "nowhere", "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ()
+    )
+    with pytest.raises(
+        PackagingError, match=r"location 'src' on root@127\.0\.0\.2:\d+: source root"
+    ):
+        archive.assemble(hosts, plan)

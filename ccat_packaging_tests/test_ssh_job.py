@@ -1,0 +1,110 @@
+"""The packaging job end to end with its SOURCE location on an SSH host, hostile names included.
+
+The SSH settings reach the job the way a deployment sets them: ``CCAT_SSH_*`` environment
+variables bound with ``EnvVar`` in the code location. Names that are not UTF-8 cannot be filed
+in the operations database (``relative_path`` is text); they are covered at the runner level
+in ``test_ssh_assembly.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from sqlalchemy import select
+
+from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.sshd import SshLab
+from ccat_packaging_tests.test_ssh_assembly import HOSTILE_NAMES
+
+pytest_plugins = ["ccat_packaging_tests.ssh_fixtures"]
+
+
+def _output_metadata(result: dg.ExecuteInProcessResult, op: str) -> dict[str, object]:
+    [output] = [e for e in result.events_for_node(op) if e.is_successful_output]
+    assert output.step_output_data is not None
+    return {k: v.value for k, v in output.step_output_data.metadata.items()}
+
+
+@pytest.fixture
+def ssh_env(ssh_lab: SshLab, monkeypatch: pytest.MonkeyPatch) -> SshLab:
+    monkeypatch.setenv("CCAT_SSH_KEY_FILE", str(ssh_lab.client_key))
+    monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(ssh_lab.known_hosts))
+    return ssh_lab
+
+
+@pytest.mark.parametrize("buffer_at", ["same ssh host", "other ssh host", "this machine"])
+def test_job_packages_hostile_names_exactly_from_a_source_on_an_ssh_host(
+    world, ssh_env: SshLab, tmp_path: Path, buffer_at: str
+) -> None:
+    lab = ssh_env
+    site = world.site()
+    source = world.location(
+        site, "remote_src", LocationType.SOURCE, host=lab.a.address, port=lab.a.port, user="root"
+    )
+    if buffer_at == "this machine":
+        buffer = world.location(site, "buf", LocationType.BUFFER)
+    else:
+        server = lab.a if buffer_at == "same ssh host" else lab.b
+        buffer = world.location(
+            site, "buf", LocationType.BUFFER, host=server.address, port=server.port, user="root"
+        )
+    group = world.group(source)
+    contents = {
+        name: world.file_bytes(group, name, size=500 + i) for i, name in enumerate(HOSTILE_NAMES)
+    }
+    key = f"remote_src__eou{group.eou_id}__mod{group.module_id}"
+
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert result.success
+
+    metadata = _output_metadata(result, "assemble_tar")
+    assert metadata["assembled_on"] == lab.a.address
+    assert metadata["via_ssh"] is True
+    with world.session() as s:
+        [package] = s.scalars(select(RawDataPackage)).all()
+    assert package.status == Status.COMPLETED
+    tar_path = world.root(buffer) / package.relative_path
+    data = tar_path.read_bytes()
+    assert package.size == len(data)
+    assert package.checksum == hashlib.sha256(data).hexdigest()
+    with tarfile.open(tar_path) as tar:
+        assert [m.name for m in tar] == sorted(contents, key=os.fsencode)
+        for name, content in contents.items():
+            member = tar.extractfile(name)
+            assert member is not None and member.read() == content, name
+    for place in (world.root(source), world.root(buffer), Path.home(), Path.cwd(), tmp_path):
+        assert list(place.glob("PWNED*")) == [], place
+
+
+def test_job_refuses_a_source_host_whose_key_is_unknown(
+    world, ssh_env: SshLab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    known_hosts = tmp_path / "known_hosts_without_a"
+    known_hosts.write_text(ssh_env.b.known_hosts_line + "\n")
+    monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(known_hosts))
+    site = world.site()
+    a = ssh_env.a
+    source = world.location(
+        site, "remote_src", LocationType.SOURCE, host=a.address, port=a.port, user="root"
+    )
+    world.location(site, "buf", LocationType.BUFFER)
+    group = world.group(source)
+    world.file_bytes(group, "frame.fits")
+    key = f"remote_src__eou{group.eou_id}__mod{group.module_id}"
+
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert str(failure.step_key).startswith("assemble_tar")
+    assert "HostKeyError" in str(failure.event_specific_data)
+    assert "not in the known hosts file" in str(failure.event_specific_data)
+    restarts = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
+    assert restarts == []  # a refused host key is not retried
