@@ -54,10 +54,16 @@ class PackagePlan:
     source: Endpoint
     buffer: Endpoint
     members: tuple[tuple[str, int], ...]
+    # (relative_path, algorithm, checksum) of the members filed with a checksum
+    filed_checksums: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self.members)
+
+    def checksum_spec(self) -> dict[str, list[str]]:
+        """The filed checksums as the tar agent takes them: the bytes archived must match."""
+        return {path: [algorithm, value] for path, algorithm, value in self.filed_checksums}
 
 
 def package_name(key: GroupKey, part: int) -> str:
@@ -135,11 +141,16 @@ def plan_for(
     buffer: DiskDataLocation,
 ) -> PackagePlan:
     rows = session.execute(
-        select(RawDataFile.relative_path, RawDataFile.size).where(
-            RawDataFile.raw_data_package_id == package.id
-        )
+        select(
+            RawDataFile.relative_path,
+            RawDataFile.size,
+            RawDataFile.checksum_algorithm,
+            RawDataFile.checksum,
+        ).where(RawDataFile.raw_data_package_id == package.id)
     ).all()
-    members = tuple(sorted(((p, int(s)) for p, s in rows), key=lambda m: path_order(m[0])))
+    members = tuple(sorted(((p, int(s)) for p, s, _, _ in rows), key=lambda m: path_order(m[0])))
+    # A checksum filed without its algorithm is taken as sha256, the archive standard.
+    filed = tuple(sorted((p, alg or "sha256", value) for p, _, alg, value in rows if value))
     return PackagePlan(
         package_id=package.id,
         name=package.name,
@@ -149,6 +160,7 @@ def plan_for(
         source=Endpoint.of(source),
         buffer=Endpoint.of(buffer),
         members=members,
+        filed_checksums=filed,
     )
 
 

@@ -352,3 +352,74 @@ def test_an_unusable_primary_buffer_is_passed_over(world, small_disk, state: str
     with dg.instance_for_test() as instance:
         assert run_partition(instance, key).success
     _assert_completed_and_intact(world, spare, _packages(world)[0])
+
+
+# --- source integrity and retries ---------------------------------------------------------------
+
+
+def test_a_source_file_altered_since_filing_fails_the_package_at_once(world) -> None:
+    _, src, buf, group, key = _site(world)
+    world.file(group, "ok.dat", size=5000)
+    content = world.file_bytes(group, "tampered.dat", size=5000)
+    (world.root(src) / "tampered.dat").write_bytes(content[::-1])  # same size, other bytes
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert not result.success
+    [package] = _packages(world)
+    assert package.status == Status.FAILED and package.retry_count == 0
+    assert "altered since filing" in (package.failure_reason or "")
+    assert "tampered.dat" in (package.failure_reason or "")
+    assert _leftovers(world.root(buf)) == []
+
+
+def _retries(result: dg.ExecuteInProcessResult) -> int:
+    return sum(
+        1 for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    )
+
+
+def test_retryable_errors_retry_three_times_then_fail_exactly_once(world, monkeypatch) -> None:
+    monkeypatch.setenv("CCAT_RETRY_BASE_SECONDS", "0")
+    _, src, buf, group, key = _site(world)
+    content = world.file_bytes(group, "growing.dat", size=10_000)
+    (world.root(src) / "growing.dat").write_bytes(content[:4000])  # the instrument still writes
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert not result.success
+    assert _retries(result) == 3
+    [package] = _packages(world)
+    assert package.status == Status.FAILED
+    assert package.retry_count == 3
+    assert (package.failure_reason or "").startswith(
+        "gave up after 4 attempts: SourceNotReadyError"
+    )
+    assert _leftovers(world.root(buf)) == []
+
+
+def test_a_retry_that_succeeds_completes_the_package(world, monkeypatch) -> None:
+    monkeypatch.setenv("CCAT_RETRY_BASE_SECONDS", "1")
+    _, src, buf, group, key = _site(world)
+    content = world.file_bytes(group, "growing.dat", size=10_000)
+    path = world.root(src) / "growing.dat"
+    path.write_bytes(content[:4000])
+
+    def finish_writing_after_the_first_failure() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            packages = _packages(world)
+            if packages and packages[0].retry_count >= 1:
+                path.write_bytes(content)
+                return
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=finish_writing_after_the_first_failure)
+    writer.start()
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    writer.join()
+    assert result.success
+    assert _retries(result) >= 1
+    [package] = _packages(world)
+    _assert_completed_and_intact(world, buf, package)
+    assert package.retry_count == _retries(result)
+    assert package.failure_reason is None

@@ -163,3 +163,58 @@ def test_publish_renames_atomically_into_place(tmp_path: Path) -> None:
     assert out["path"] == str(dest / "p" / "pkg.tar")
     assert hashlib.sha256((dest / "p" / "pkg.tar").read_bytes()).hexdigest() == built["checksum"]
     assert sorted(p.name for p in (dest / "p").iterdir()) == [".pkg.tar.lock", "pkg.tar"]
+
+
+def _build_checked(tmp_path: Path, data: bytes, on_disk: bytes, alg: str, filed: str) -> dict:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir(exist_ok=True)
+    _tree(src, {"f.dat": on_disk})
+    return tar_agent.run_command(
+        "build",
+        {
+            "source_root": str(src),
+            "members": [["f.dat", len(data)]],
+            "dest_root": str(dest),
+            "dest_relative": "p/pkg.tar",
+            "checksums": {"f.dat": [alg, filed]},
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("alg", "digest"),
+    [
+        ("sha256", lambda d: hashlib.sha256(d).hexdigest()),
+        ("md5", lambda d: hashlib.md5(d).hexdigest()),
+        ("adler32", lambda d: f"{__import__('zlib').adler32(d):08x}"),
+    ],
+)
+def test_filed_checksums_are_checked_in_the_same_pass(tmp_path: Path, alg: str, digest) -> None:
+    data = os.urandom(9 << 20)  # spans several pipeline buffers
+    built = _build_checked(tmp_path, data, data, alg, digest(data))
+    assert hashlib.sha256(Path(built["temp_path"]).read_bytes()).hexdigest() == built["checksum"]
+    altered = bytearray(data)
+    altered[5 << 20] ^= 0xFF  # same size, one bit flipped in the middle
+    with pytest.raises(AgentError, match=r"altered since filing") as info:
+        _build_checked(tmp_path, data, bytes(altered), alg, digest(data))
+    assert info.value.kind == "source_file"
+    assert _leftovers(tmp_path / "buf") == []
+
+
+def test_an_unknown_checksum_algorithm_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match="unknown algorithm") as info:
+        _build_checked(tmp_path, b"abc", b"abc", "crc99", "00")
+    assert info.value.kind == "config"
+
+
+def test_a_file_smaller_than_filed_is_not_ready_rather_than_changed(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    _tree(src, {"growing.dat": b"x" * 100})
+    with pytest.raises(AgentError, match="still being written") as info:
+        _build(src, dest, [["growing.dat", 1000]])
+    assert info.value.kind == "not_ready"
+
+
+def _leftovers(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")]

@@ -54,6 +54,7 @@ def assemble(hosts: Hosts, plan: PackagePlan) -> AssembledArchive:
                     "members": members,
                     "dest_root": plan.buffer.root,
                     "dest_relative": plan.relative_path,
+                    "checksums": plan.checksum_spec(),
                 },
             )
         except InsufficientSpaceError as exc:  # say which location is full, not only the source
@@ -97,7 +98,14 @@ def _stream(
         {"dest_root": plan.buffer.root, "dest_relative": plan.relative_path, "size": need},
     )
     try:
-        sender = source.start("send", {"source_root": plan.source.root, "members": members})
+        sender = source.start(
+            "send",
+            {
+                "source_root": plan.source.root,
+                "members": members,
+                "checksums": plan.checksum_spec(),
+            },
+        )
     except BaseException:
         receiver.abort()
         raise

@@ -27,12 +27,15 @@ from ccat_packaging.errors import (
     PackagingError,
     RetryableError,
     SourceFileError,
+    SourceNotReadyError,
     UnsafePathError,
 )
 
 _AGENT_ERRORS: dict[str, type[PackagingError]] = {
     "unsafe_path": UnsafePathError,
     "source_file": SourceFileError,
+    "not_ready": SourceNotReadyError,
+    "config": ConfigurationError,
     "no_space": InsufficientSpaceError,
     "busy": RetryableError,
     "interrupted": RetryableError,

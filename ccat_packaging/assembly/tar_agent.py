@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,8 +43,8 @@ ALGORITHM = "sha256"
 
 
 class AgentError(Exception):
-    """``kind`` is one of: unsafe_path, source_file, no_space, busy, verification, io,
-    interrupted."""
+    """``kind`` is one of: unsafe_path, source_file, not_ready, no_space, busy, verification,
+    config, io, interrupted."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -111,24 +112,71 @@ def _open_member(root_real: str, relative: str, filed_size: int) -> tuple[int, o
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise AgentError("source_file", f"source file {relative!r} is not a regular file")
-    if st.st_size != filed_size:
+    if st.st_size < filed_size:
+        os.close(fd)
+        raise AgentError(
+            "not_ready",
+            f"source file {relative!r} has {st.st_size} of its {filed_size} filed bytes on "
+            "disk: still being written",
+        )
+    if st.st_size > filed_size:
         os.close(fd)
         raise AgentError(
             "source_file",
             f"source file {relative!r} has {st.st_size} bytes on disk but {filed_size} were "
-            "filed (still being written, or changed since filing)",
+            "filed: it changed since filing",
         )
     return fd, st
 
 
+class _Adler32:
+    """zlib's adler32 behind hashlib's interface (what Rucio and FTS verify)."""
+
+    def __init__(self) -> None:
+        self._value = 1
+
+    def update(self, data: memoryview) -> None:
+        self._value = zlib.adler32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+class _MemberCheck:
+    """A member's filed checksum, compared with the checksum of the bytes put in the archive."""
+
+    def __init__(self, relative: str, algorithm: str, expected: str) -> None:
+        self.relative = relative
+        self.algorithm = algorithm.lower()
+        self.expected = expected.lower()
+        try:
+            self.hasher: Any = (
+                _Adler32() if self.algorithm == "adler32" else hashlib.new(self.algorithm)
+            )
+        except ValueError:
+            raise AgentError(
+                "config", f"filed checksum of {relative!r} uses unknown algorithm {algorithm!r}"
+            ) from None
+
+    def problem(self) -> str | None:
+        actual = self.hasher.hexdigest()
+        if actual == self.expected:
+            return None
+        return (
+            f"source file {self.relative!r} was altered since filing: filed {self.algorithm} "
+            f"{self.expected}, now {actual}"
+        )
+
+
 class _Pipeline:
-    """Fills buffers on the calling thread while one thread hashes and one writes them.
+    """Fills buffers on the calling thread while one thread hashes and one writes them, and a
+    third hashes the members whose filed checksum is known.
 
     hashlib and os.write release the GIL, so reading, hashing and writing overlap; each buffer
-    returns to the pool once both consumers are done with it, which bounds memory.
+    returns to the pool once every consumer is done with it, which bounds memory.
     """
 
-    def __init__(self, out_fd: int) -> None:
+    def __init__(self, out_fd: int, check_members: bool = False) -> None:
         self.out_fd = out_fd
         self.digest = hashlib.new(ALGORITHM)
         self.total = 0
@@ -144,6 +192,12 @@ class _Pipeline:
             threading.Thread(target=self._hash_loop, daemon=True),
             threading.Thread(target=self._write_loop, daemon=True),
         ]
+        # Spans of member data in the current buffer: (check, start, end).
+        self._spans: list[tuple[_MemberCheck, int, int]] = []
+        self._member_q: queue.Queue[tuple[bytearray, list[tuple[_MemberCheck, int, int]]] | None]
+        self._member_q = queue.Queue()
+        if check_members:
+            self._threads.append(threading.Thread(target=self._member_loop, daemon=True))
         for thread in self._threads:
             thread.start()
         self._buf = self._free.get()
@@ -160,6 +214,14 @@ class _Pipeline:
         while (item := self._hash_q.get()) is not None:
             buf, n = item
             self.digest.update(memoryview(buf)[:n])
+            self._release(buf)
+
+    def _member_loop(self) -> None:
+        while (item := self._member_q.get()) is not None:
+            buf, spans = item
+            view = memoryview(buf)
+            for check, start, end in spans:
+                check.hasher.update(view[start:end])
             self._release(buf)
 
     def _write_loop(self) -> None:
@@ -180,8 +242,11 @@ class _Pipeline:
 
     def _flush(self) -> None:
         if self._fill:
+            spans, self._spans = self._spans, []
             with self._lock:
-                self._pending[id(self._buf)] = 2
+                self._pending[id(self._buf)] = 3 if spans else 2
+            if spans:
+                self._member_q.put((self._buf, spans))
             self._hash_q.put((self._buf, self._fill))
             self._write_q.put((self._buf, self._fill))
             self._buf = self._free.get()
@@ -200,16 +265,22 @@ class _Pipeline:
                 self._flush()
 
     def copy_from(
-        self, read_into: Callable[[memoryview], int], size: int, short: AgentError
+        self,
+        read_into: Callable[[memoryview], int],
+        size: int,
+        short: AgentError,
+        check: _MemberCheck | None = None,
     ) -> None:
         """Copy exactly ``size`` bytes from a reader straight into the buffers; ``short`` is
-        raised if the reader ends first."""
+        raised if the reader ends first. ``check`` also hashes these bytes on their own."""
         left = size
         while left:
             k = min(BUFFER_SIZE - self._fill, left)
             n = read_into(memoryview(self._buf)[self._fill : self._fill + k])
             if n == 0:
                 raise short
+            if check is not None:
+                self._spans.append((check, self._fill, self._fill + n))
             self._fill += n
             self.total += n
             left -= n
@@ -224,6 +295,7 @@ class _Pipeline:
     def close(self) -> None:
         self._hash_q.put(None)
         self._write_q.put(None)
+        self._member_q.put(None)
         for thread in self._threads:
             thread.join()
 
@@ -293,13 +365,14 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     """Write the archive under a temporary name next to its final name, fsynced, and return
     its size and checksum. Nothing is left behind on failure.
 
-    spec: source_root, members [[relative_path, filed_size], ...], dest_root, dest_relative.
+    spec: source_root, members [[relative_path, filed_size], ...], dest_root, dest_relative,
+    optionally checksums {relative_path: [algorithm, filed checksum]}.
     """
     started = time.monotonic()
     root_real, members = _source(spec)
     need = predicted_size(members)
     with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
-        digest, total = _write_archive(fd, root_real, members)
+        digest, total = _write_archive(fd, root_real, members, spec.get("checksums", {}))
         if total != need:
             raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
     return {
@@ -316,12 +389,12 @@ def send(spec: dict[str, Any], out_fd: int) -> dict[str, Any]:
     """Write the archive to ``out_fd`` instead of a file, for a buffer on another host: the
     caller passes the bytes to ``receive`` there. Same bytes as ``build``.
 
-    spec: source_root, members [[relative_path, filed_size], ...].
+    spec: source_root, members [[relative_path, filed_size], ...], optionally checksums.
     """
     started = time.monotonic()
     root_real, members = _source(spec)
     need = predicted_size(members)
-    digest, total = _write_archive(out_fd, root_real, members)
+    digest, total = _write_archive(out_fd, root_real, members, spec.get("checksums", {}))
     if total != need:
         raise AgentError("verification", f"sent {total} bytes but {need} were predicted")
     return {
@@ -368,8 +441,13 @@ def receive(spec: dict[str, Any], stream: io.BufferedReader) -> dict[str, Any]:
     }
 
 
-def _write_archive(out_fd: int, root_real: str, members: list[tuple[str, int]]) -> tuple[str, int]:
-    pipe = _Pipeline(out_fd)
+def _write_archive(
+    out_fd: int, root_real: str, members: list[tuple[str, int]], filed: dict[str, list[str]]
+) -> tuple[str, int]:
+    """Write the archive; ``filed`` maps members to their filed [algorithm, checksum], which
+    their bytes must match (checked in the same pass, on a thread of its own)."""
+    checks = {path: _MemberCheck(path, alg, value) for path, (alg, value) in filed.items()}
+    pipe = _Pipeline(out_fd, check_members=bool(checks))
     try:
         for relative, filed_size in members:
             fd, st = _open_member(root_real, relative, filed_size)
@@ -377,7 +455,9 @@ def _write_archive(out_fd: int, root_real: str, members: list[tuple[str, int]]) 
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 pipe.emit(_header(relative, st))
                 short = AgentError("source_file", f"source file {relative!r} shrank while read")
-                pipe.copy_from(functools.partial(_readv, fd), st.st_size, short)
+                pipe.copy_from(
+                    functools.partial(_readv, fd), st.st_size, short, checks.get(relative)
+                )
                 if os.fstat(fd).st_size != st.st_size:
                     raise AgentError("source_file", f"source file {relative!r} changed while read")
             finally:
@@ -389,6 +469,10 @@ def _write_archive(out_fd: int, root_real: str, members: list[tuple[str, int]]) 
     except BaseException:
         pipe.close()
         raise
+    problems = [p for check in checks.values() if (p := check.problem())]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AgentError("source_file", problems[0] + more)
     return pipe.digest.hexdigest(), pipe.total
 
 
