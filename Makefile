@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ROOT ?= .ccat/demo
 
-.PHONY: demo ui test lint clean-demo
+.PHONY: demo ui prod-daemon prod-webserver test lint bench clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +24,30 @@ ui: $(BIN)/.installed
 	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_ROOT))/ops_db.sqlite \
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
 
+## Production processes on the PostgreSQL instance: DAGSTER_HOME, DAGSTER_PG_* and
+## CCAT_OPS_DB_URL must be set (docs/operations.md). One daemon per instance.
+prod-daemon: $(BIN)/.installed
+	DAGSTER_BIN=$(abspath $(BIN)) scripts/run-dagster.sh daemon
+
+prod-webserver: $(BIN)/.installed
+	DAGSTER_BIN=$(abspath $(BIN)) scripts/run-dagster.sh webserver
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## Lint, type-check and run every test (starts PostgreSQL and installs sshd when missing).
+## Lint, type-check and run every test (starts PostgreSQL; installs sshd and chromium when
+## missing). The end-to-end UI test leaves screenshots in test-artifacts/e2e_ui/.
 test: lint
 	scripts/test-setup.sh
 	$(BIN)/pytest
+
+## Benchmarks (as root, ~8 minutes): assembly throughput and memory, discovery at 1 M files,
+## orchestration overhead; prints the table and writes it into docs/performance.md.
+bench: $(BIN)/.installed
+	scripts/test-setup.sh
+	$(BIN)/python -m benchmarks
 
 clean-demo:
 	rm -rf $(DEMO_ROOT)

@@ -11,6 +11,7 @@ into a new part, so a completed package is never rewritten.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, func, select, update
@@ -110,18 +111,26 @@ def split_into_parts(
 
 
 def claim_packages(
-    session: Session, key: GroupKey, limits: PackageLimits, owner: str
+    session: Session,
+    key: GroupKey,
+    limits: PackageLimits,
+    owner: str,
+    *,
+    redrive_failed: bool = False,
 ) -> list[PackagePlan]:
     """Every package this group needs built now: unfinished ones first (a crashed or
     interrupted run's), then new parts holding the group's unclaimed files, leased to
     ``owner`` (the claiming run) so no other run starts on them meanwhile.
 
     Raises NoActiveBufferError before claiming anything when the site has no buffer.
-    Completed and failed packages are left alone: completed ones are never rebuilt, failed
-    ones wait for an operator to requeue them.
+    Completed packages are never rebuilt. Failed ones wait for an operator: with
+    ``redrive_failed`` (a run an operator launched) they are taken back, with a fresh retry
+    budget, before the unfinished ones are listed.
     """
     source = source_location_for(session, key)
     buffer = primary_buffer(session, source.site_id)
+    if redrive_failed:
+        redrive(session, key, source.id, owner)
     packages = list(
         session.scalars(
             select(RawDataPackage)
@@ -162,6 +171,26 @@ def plan_for(
         members=members,
         filed_checksums=filed,
     )
+
+
+def redrive(session: Session, key: GroupKey, location_id: int, owner: str) -> list[str]:
+    """The group's failed packages back to ``pending``, leased to ``owner``, retry count and
+    reason cleared; their files stay claimed, so they are rebuilt as they were. Returns the
+    names taken back."""
+    result = session.execute(
+        update(RawDataPackage)
+        .where(*_group_filter(key, location_id), RawDataPackage.status == Status.FAILED)
+        .values(
+            status=Status.PENDING,
+            retry_count=0,
+            failure_reason=None,
+            lease_owner=owner,
+            updated_at=datetime.now(UTC),
+        )
+        .returning(RawDataPackage.name)
+        .execution_options(synchronize_session=False)
+    )
+    return list(result.scalars())
 
 
 def _group_filter(key: GroupKey, location_id: int) -> tuple[ColumnElement[bool], ...]:

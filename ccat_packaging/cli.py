@@ -64,6 +64,27 @@ def _requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """Re-hash a package at its buffer; the database is read first and not held open while
+    a package of hundreds of GB is read."""
+    from ccat_packaging.resources import assembly_hosts_from_env  # imports Dagster: only here
+
+    engine = make_engine(settings.ops_db_url())
+    with session_scope(engine) as session:
+        copies = operations.recorded_copies(session, args.package)
+    engine.dispose()
+    failed = 0
+    with assembly_hosts_from_env().process_config_and_initialize_cm() as hosts:
+        for copy in copies:
+            check = operations.check_copy(hosts, copy)
+            verdict = "OK" if check.ok else "MISMATCH"
+            print(f"{verdict} {copy.package} at {copy.location.location_name} ({check.path})")
+            print(f"  recorded {copy.size} bytes {copy.algorithm}:{copy.checksum}")
+            print(f"  found    {check.size} bytes {copy.algorithm}:{check.checksum}")
+            failed += not check.ok
+    return 1 if failed else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ccat_packaging import demo
 
@@ -93,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     requeue.add_argument("--location", help="every failed package of a SOURCE location")
     requeue.add_argument("--all", action="store_true", help="every failed package")
     requeue.set_defaults(handler=_requeue)
+    verify = commands.add_parser(
+        "verify", help="re-hash a completed package at its buffer and compare with the record"
+    )
+    verify.add_argument("package", help="the package's name")
+    verify.set_defaults(handler=_verify)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))

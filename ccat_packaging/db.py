@@ -7,7 +7,10 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from ccat_packaging.errors import DatabaseUnavailableError
 
 
 def make_engine(url: str) -> Engine:
@@ -38,3 +41,16 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     factory = sessionmaker(bind=engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailableError | None:
+    """The error to report when ``exc`` means the database dropped or refused a connection
+    (else None): one line from the driver, which names host and port but never the password."""
+    if isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        lines = str(exc.orig or exc).strip().splitlines()
+        return DatabaseUnavailableError(
+            f"operations database unavailable: {lines[0] if lines else type(exc).__name__}"
+        )
+    return None

@@ -1,4 +1,5 @@
-"""The code location: per SOURCE location a packaging job and its sensor, and resources."""
+"""The code location: per SOURCE location a packaging job and its sensor; the retention job
+and its schedule; resources."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ccat_packaging.db import make_engine, redacted, session_scope
 from ccat_packaging.discovery import SourceLocationRef, source_locations
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.jobs import build_package_job
+from ccat_packaging.maintenance import packaging_retention, packaging_retention_daily
 from ccat_packaging.resources import assembly_hosts_from_env, ops_database_from_env
 from ccat_packaging.sensors import build_source_location_sensor
 
@@ -39,7 +41,8 @@ def defs() -> dg.Definitions:
     locations = load_source_locations(settings.ops_db_url())
     jobs = {location.slug: build_package_job(location) for location in locations}
     return dg.Definitions(
-        jobs=list(jobs.values()),
+        jobs=[*jobs.values(), packaging_retention],
+        schedules=[packaging_retention_daily],
         sensors=[build_source_location_sensor(loc, jobs[loc.slug]) for loc in locations],
         resources={"ops_db": ops_database_from_env(), "assembly_hosts": assembly_hosts_from_env()},
     )

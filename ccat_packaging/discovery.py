@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from ccat_packaging.errors import ConfigurationError, NoActiveBufferError
@@ -117,30 +117,30 @@ def source_location_for(session: Session, key: GroupKey) -> DiskDataLocation:
 def unpackaged_groups(
     session: Session, location_id: int, filed_since: datetime | None, limit: int
 ) -> list[FileGroup]:
-    """Groups with unpackaged files, oldest activity first, one indexed GROUP BY.
+    """Groups with unpackaged files, oldest activity first: one set-based query, on indexes.
 
     ``filed_since`` restricts to groups whose newest unpackaged file was filed at or after it
     (the sensor's cursor); ``>=`` re-reads the boundary group rather than risk skipping a tie.
+    A group qualifies exactly when one of its unpackaged files was filed at or after it, so the
+    query starts from those files (``ix_raw_data_file_unpackaged_filed``) and aggregates only
+    their groups: a tick when nothing changed reads nothing, however large the backlog.
     """
+    unpackaged = (
+        RawDataFile.source_location_id == location_id,
+        RawDataFile.raw_data_package_id.is_(None),
+    )
+    group = (RawDataFile.executed_obs_unit_id, RawDataFile.instrument_module_id)
     newest = func.max(RawDataFile.created_at)
     stmt = (
-        select(
-            RawDataFile.executed_obs_unit_id,
-            RawDataFile.instrument_module_id,
-            func.count(),
-            func.coalesce(func.sum(RawDataFile.size), 0),
-            newest,
-        )
-        .where(
-            RawDataFile.source_location_id == location_id,
-            RawDataFile.raw_data_package_id.is_(None),
-        )
-        .group_by(RawDataFile.executed_obs_unit_id, RawDataFile.instrument_module_id)
-        .order_by(newest, RawDataFile.executed_obs_unit_id, RawDataFile.instrument_module_id)
+        select(*group, func.count(), func.coalesce(func.sum(RawDataFile.size), 0), newest)
+        .where(*unpackaged)
+        .group_by(*group)
+        .order_by(newest, *group)
         .limit(limit)
     )
     if filed_since is not None:
-        stmt = stmt.having(newest >= filed_since)
+        recent = select(*group).where(*unpackaged, RawDataFile.created_at >= filed_since)
+        stmt = stmt.where(tuple_(*group).in_(recent))
     location = session.get_one(DataLocation, location_id)
     slug = location_slug(location.name)
     return [

@@ -11,19 +11,20 @@ package already completed does nothing.
 Failures follow one policy (``_failure_policy``): retryable errors are retried up to
 ``MAX_RETRIES`` times with exponential backoff and jitter, counted once each in the package's
 ``retry_count``; then, and at once for any other error, the package is marked ``failed`` with
-the error class and message, unless another attempt completed it meanwhile.
+the error class and message, unless another attempt completed it meanwhile. Sensor runs leave
+failed packages alone; a run an operator launched (a backfill, the launchpad, a re-execution)
+re-drives them with a fresh retry budget (``launched_by_operator``).
 """
 
 import dataclasses
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from ccat_packaging import settings
@@ -31,9 +32,9 @@ from ccat_packaging.assembly import archive as assembly
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.assembly.hosts import Hosts
 from ccat_packaging.claiming import Endpoint, PackageLimits, PackagePlan, claim_packages
+from ccat_packaging.db import unavailable
 from ccat_packaging.discovery import GroupKey, SourceLocationRef, buffer_candidates
 from ccat_packaging.errors import (
-    DatabaseUnavailableError,
     HostUnreachableError,
     InsufficientSpaceError,
     PackagingError,
@@ -50,6 +51,8 @@ from ccat_packaging.registration import (
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
 
 PACKAGES_ASSET = dg.AssetKey("raw_data_packages")
+# On every run of this code location (job tags are copied to runs): what run retention deletes.
+PIPELINE_TAG = "ccat/pipeline"
 MAX_RETRIES = 3
 
 
@@ -65,12 +68,7 @@ class BuiltPackage:
 def _classify(exc: Exception) -> PackagingError:
     if isinstance(exc, PackagingError):
         return exc
-    if isinstance(exc, OperationalError | InterfaceError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    ):
-        first_line = str(exc.orig or exc).strip().splitlines()[0]
-        return DatabaseUnavailableError(f"operations database unavailable: {first_line}")
-    return PackagingError(f"unexpected {type(exc).__name__}: {exc}")
+    return unavailable(exc) or PackagingError(f"unexpected {type(exc).__name__}: {exc}")
 
 
 def _backoff(retry_number: int) -> float:
@@ -80,8 +78,9 @@ def _backoff(retry_number: int) -> float:
 
 @contextmanager
 def _failure_policy(
-    context: dg.OpExecutionContext, ops_db: OpsDatabase, package_id: int | None
+    context: dg.OpExecutionContext, ops_db: OpsDatabase, plan: PackagePlan | None
 ) -> Iterator[None]:
+    package_id = plan.package_id if plan is not None else None
     try:
         yield
     except (dg.Failure, dg.RetryRequested):
@@ -100,19 +99,24 @@ def _failure_policy(
             raise dg.RetryRequested(max_retries=MAX_RETRIES, seconds_to_wait=wait) from raw
         if exc.retryable:
             reason = f"gave up after {attempt} attempts: {reason}"
-        if package_id is not None:
+        metadata: dict[str, dg.RawMetadataValue] = {
+            "error_class": type(exc).__name__,
+            "retryable": exc.retryable,
+            "attempts": attempt,
+        }
+        if plan is not None:
+            metadata = {"package": plan.name, "status": "failed", "reason": reason, **metadata}
             _best_effort(
-                context, ops_db, lambda s: mark_failed(s, package_id, _owner(context), reason)
+                context, ops_db, lambda s: mark_failed(s, plan.package_id, _owner(context), reason)
             )
-        raise dg.Failure(
-            description=reason,
-            metadata={
-                "error_class": type(exc).__name__,
-                "retryable": exc.retryable,
-                "attempts": attempt,
-            },
-            allow_retries=False,
-        ) from raw
+            # The package's history (asset ``raw_data_packages``, partition = group) shows
+            # the failure next to the completions.
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key=PACKAGES_ASSET, partition=context.partition_key, metadata=metadata
+                )
+            )
+        raise dg.Failure(description=reason, metadata=metadata, allow_retries=False) from raw
 
 
 def _best_effort(
@@ -135,14 +139,35 @@ def _limits() -> PackageLimits:
     return PackageLimits(settings.package_max_bytes(), settings.package_max_files())
 
 
+SENSOR_NAME_TAG = "dagster/sensor_name"
+PARENT_RUN_ID_TAG = "dagster/parent_run_id"
+RETRY_NUMBER_TAG = "dagster/retry_number"
+
+
+def launched_by_operator(tags: Mapping[str, str]) -> bool:
+    """Whether a run re-drives its group's failed packages.
+
+    A run a sensor launched, and Dagster's automatic retry of one, leaves them alone: a package
+    that fails for good must not be rebuilt on every late file of its group. A backfill, a
+    launch from the launchpad and a re-execution are an operator's decision to try again.
+    """
+    if SENSOR_NAME_TAG not in tags:
+        return True
+    return PARENT_RUN_ID_TAG in tags and RETRY_NUMBER_TAG not in tags
+
+
 @dg.op(out=dg.DynamicOut(PackagePlan, description="one per package to build"))
 def create_package_records(
     context: dg.OpExecutionContext, ops_db: OpsDatabase
 ) -> Iterator[dg.DynamicOutput[PackagePlan]]:
-    """Resume the group's unfinished packages and claim its unpackaged files into new parts."""
+    """Resume the group's unfinished packages and claim its unpackaged files into new parts;
+    in a run an operator launched, take the group's failed packages back first."""
     key = GroupKey.parse(context.partition_key)
+    redrive = launched_by_operator(context.run.tags)
+    if redrive:
+        context.log.info(f"{key}: launched by an operator; failed packages are re-driven")
     with _failure_policy(context, ops_db, None), ops_db.session() as session:
-        plans = claim_packages(session, key, _limits(), _owner(context))
+        plans = claim_packages(session, key, _limits(), _owner(context), redrive_failed=redrive)
     if not plans:
         context.log.info(f"{key}: every filed file is already in a package; nothing to build")
     for plan in plans:
@@ -169,7 +194,7 @@ def assemble_tar(
 ) -> BuiltPackage:
     """Write the tar on the host that holds the files, hashing it in the same pass, into the
     first buffer (by priority) that can take it."""
-    with _failure_policy(context, ops_db, plan.package_id):
+    with _failure_policy(context, ops_db, plan):
         stale_before = datetime.now(UTC) - timedelta(seconds=settings.stale_after_seconds())
         with ops_db.session() as session:
             if not acquire_lease(session, plan.package_id, _owner(context), stale_before):
@@ -184,22 +209,36 @@ def assemble_tar(
             buffers = [Endpoint.of(b) for b in buffer_candidates(session, site_id)]
         with heartbeat(ops_db.engine, plan.package_id, settings.stale_after_seconds() / 4):
             built = _assemble_into_first_usable(context, assembly_hosts, plan, buffers)
-    archive = built.archive
-    assert archive is not None
+    assert built.archive is not None
     context.add_output_metadata(
         {
-            "package": plan.name,
-            "assembled_on": archive.host,
-            "via_ssh": archive.via_ssh,
-            "buffer_location": built.plan.buffer.location_name,
+            **_where(built.plan, built.archive),
             "failover": built.plan.buffer.location_id != buffers[0].location_id,
-            "files": len(plan.members),
-            "bytes": archive.size,
-            "seconds": round(archive.seconds, 3),
-            "throughput_MB_per_s": round(plan.total_bytes / max(archive.seconds, 1e-9) / 1e6, 1),
+            **_size(built.plan, built.archive),
         }
     )
     return built
+
+
+def _where(plan: PackagePlan, archive: AssembledArchive) -> "dict[str, dg.RawMetadataValue]":
+    """Which package, and the hosts it went between: shown on each step and in its history."""
+    return {
+        "package": plan.name,
+        "source_location": plan.source.location_name,
+        "source_host": plan.source.host,
+        "assembled_on": archive.host,
+        "transport": "ssh" if archive.via_ssh else "local",
+        "buffer_location": plan.buffer.location_name,
+    }
+
+
+def _size(plan: PackagePlan, archive: AssembledArchive) -> "dict[str, dg.RawMetadataValue]":
+    return {
+        "files": len(plan.members),
+        "bytes": archive.size,
+        "seconds": round(archive.seconds, 3),
+        "throughput_MB_per_s": round(plan.total_bytes / max(archive.seconds, 1e-9) / 1e6, 1),
+    }
 
 
 def _assemble_into_first_usable(
@@ -239,7 +278,7 @@ def checksum(
     plan, archive = built.plan, built.archive
     if archive is None:
         return built
-    with _failure_policy(context, ops_db, plan.package_id):
+    with _failure_policy(context, ops_db, plan):
         try:
             assembly.verify(assembly_hosts, plan, archive)
         except PackagingError:
@@ -271,20 +310,17 @@ def register_at_buffer(
     plan, archive = built.plan, built.archive
     if archive is None:
         return
-    with _failure_policy(context, ops_db, plan.package_id):
+    with _failure_policy(context, ops_db, plan):
         final_path = assembly.publish(assembly_hosts, plan, archive)
         with ops_db.session() as session:
             complete(session, plan.package_id, plan.buffer.location_id)
-    metadata: dict[str, dg.RawMetadataValue] = {
+    metadata: dict[str, dg.RawMetadataValue] = {  # what matters most first: the UI truncates
         "package": plan.name,
         "status": "completed",
-        "files": len(plan.members),
-        "bytes": archive.size,
         "checksum": f"{archive.algorithm}:{archive.checksum}",
-        "buffer_location": plan.buffer.location_name,
         "buffer_path": dg.MetadataValue.path(final_path),
-        "assembled_on": archive.host,
-        "via_ssh": archive.via_ssh,
+        **_size(plan, archive),
+        **_where(plan, archive),
     }
     context.add_output_metadata(metadata)
     context.log_event(
@@ -323,5 +359,13 @@ def build_package_job(location: SourceLocationRef) -> dg.JobDefinition:
         ),
         partitions_def=dg.DynamicPartitionsDefinition(name=partitions_name(location.slug)),
         executor_def=dg.in_process_executor,
-        tags={"ccat/source_location": location.name, "ccat/source_host": location.host},
+        tags={
+            PIPELINE_TAG: "ccat_packaging",
+            "ccat/source_location": location.name,
+            "ccat/source_host": location.host,
+            # A crashed run worker's run is retried from the start: every op is safe to run
+            # again, and Dagster 1.13's from-failure retry can skip a mapped step that never
+            # started, then fail on its missing output.
+            "dagster/retry_strategy": "ALL_STEPS",
+        },
     )

@@ -233,13 +233,24 @@ class RawDataFile(Base):
 
     __table_args__ = (
         UniqueConstraint("source_location_id", "relative_path", name="uq_raw_data_file_path"),
-        # Discovery reads only unpackaged files; the partial index keeps that cheap however many
-        # packaged files a season accumulates.
+        # Discovery reads only unpackaged files; the partial indexes keep that cheap however
+        # many packaged files a season accumulates. This one serves the grouping (and claiming a
+        # group): in group order, with the size included so a full scan never visits the table.
         Index(
             "ix_raw_data_file_unpackaged",
             "source_location_id",
             "executed_obs_unit_id",
             "instrument_module_id",
+            "created_at",
+            postgresql_where=text("raw_data_package_id IS NULL"),
+            postgresql_include=["size"],
+            sqlite_where=text("raw_data_package_id IS NULL"),
+        ),
+        # This one finds the files filed since a sensor's cursor, so a tick when little changed
+        # costs as little as what changed, not the whole backlog.
+        Index(
+            "ix_raw_data_file_unpackaged_filed",
+            "source_location_id",
             "created_at",
             postgresql_where=text("raw_data_package_id IS NULL"),
             sqlite_where=text("raw_data_package_id IS NULL"),

@@ -1,6 +1,7 @@
 """What operators ask of the packaging stage, as plain functions over the database.
 
-The ``ccat-packaging`` command prints these; they never touch source files.
+The ``ccat-packaging`` command prints these. They never touch source files; ``verify`` reads
+a published package where it lies, on its buffer's host.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ccat_packaging.assembly.hosts import Hosts
+from ccat_packaging.claiming import Endpoint
 from ccat_packaging.discovery import buffer_candidates, source_locations, unpackaged_groups
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.models import (
     DataLocation,
     DiskDataLocation,
+    PhysicalCopyStatus,
     RawDataFile,
     RawDataPackage,
+    RawDataPackagePhysicalCopy,
     Status,
 )
 
@@ -124,3 +129,78 @@ def requeue_failed(
         )
     )
     return names
+
+
+@dataclass(frozen=True)
+class RecordedCopy:
+    """A completed package where the database says it lies, with what was recorded of it."""
+
+    package: str
+    relative_path: str
+    location: Endpoint
+    size: int
+    checksum: str
+    algorithm: str
+
+
+@dataclass(frozen=True)
+class CopyCheck:
+    copy: RecordedCopy
+    path: str
+    size: int
+    checksum: str
+
+    @property
+    def ok(self) -> bool:
+        return self.size == self.copy.size and self.checksum == self.copy.checksum
+
+
+def recorded_copies(session: Session, package: str) -> list[RecordedCopy]:
+    """The present copies of a completed package; an error names what is missing."""
+    row = session.scalars(select(RawDataPackage).where(RawDataPackage.name == package)).first()
+    if row is None:
+        raise ConfigurationError(f"no package named {package!r}")
+    if row.status != Status.COMPLETED or row.checksum is None or row.size is None:
+        raise ConfigurationError(
+            f"package {package!r} is {row.status.value}: only completed packages have a "
+            "recorded checksum to verify against"
+        )
+    locations = session.scalars(
+        select(DiskDataLocation)
+        .join(
+            RawDataPackagePhysicalCopy,
+            RawDataPackagePhysicalCopy.data_location_id == DiskDataLocation.id,
+        )
+        .where(
+            RawDataPackagePhysicalCopy.raw_data_package_id == row.id,
+            RawDataPackagePhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+        )
+        .order_by(DiskDataLocation.id)
+    ).all()
+    if not locations:
+        raise ConfigurationError(f"package {package!r} has no present copy on record")
+    return [
+        RecordedCopy(
+            package,
+            row.relative_path,
+            Endpoint.of(location),
+            row.size,
+            row.checksum,
+            row.checksum_algorithm or "sha256",
+        )
+        for location in locations
+    ]
+
+
+def check_copy(hosts: Hosts, copy: RecordedCopy) -> CopyCheck:
+    """Hash the copy again on the host that holds it (in-process when that is this machine,
+    else over SSH): the archive's bytes never cross the network."""
+    result = hosts.runner_for(copy.location).run(
+        "checksum",
+        {
+            "root": copy.location.root,
+            "relative_path": copy.relative_path,
+            "algorithm": copy.algorithm,
+        },
+    )
+    return CopyCheck(copy, str(result["path"]), int(result["size"]), str(result["checksum"]))

@@ -14,7 +14,17 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Engine, Result, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Engine,
+    Result,
+    case,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from ccat_packaging.db import session_scope
@@ -29,8 +39,10 @@ from ccat_packaging.models import (
 def acquire_lease(session: Session, package_id: int, owner: str, stale_before: datetime) -> bool:
     """Take the package for this run: free, already ours, or its holder's heartbeat stopped.
 
-    False when another live run holds it (or it is completed): leave it to that run.
+    False when another live run holds it (or it is completed): leave it to that run. A failed
+    package is free; taking it (an operator's re-execution) starts a fresh retry budget.
     """
+    was_failed = RawDataPackage.status == Status.FAILED
     result = session.execute(
         update(RawDataPackage)
         .where(
@@ -42,7 +54,13 @@ def acquire_lease(session: Session, package_id: int, owner: str, stale_before: d
                 RawDataPackage.updated_at < stale_before,
             ),
         )
-        .values(status=Status.IN_PROGRESS, lease_owner=owner, updated_at=datetime.now(UTC))
+        .values(
+            status=Status.IN_PROGRESS,
+            lease_owner=owner,
+            updated_at=datetime.now(UTC),
+            retry_count=case((was_failed, 0), else_=RawDataPackage.retry_count),
+            failure_reason=case((was_failed, null()), else_=RawDataPackage.failure_reason),
+        )
     )
     return _changed(result)
 

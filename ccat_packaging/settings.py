@@ -63,3 +63,15 @@ def retry_base_seconds() -> int:
 def stale_after_seconds() -> int:
     """An unfinished package whose heartbeat is older than this is taken back up."""
     return _int("CCAT_STALE_AFTER_SECONDS", 600)
+
+
+def partition_retention_days() -> int:
+    """A file group whose packages all completed longer ago than this loses its Dagster
+    partition (the database keeps everything); a late file brings it back."""
+    return _int("CCAT_PARTITION_RETENTION_DAYS", 30)
+
+
+def run_retention_days() -> int:
+    """Finished packaging runs older than this are deleted from the Dagster instance, with
+    their event logs; 0 keeps them forever."""
+    return _int("CCAT_RUN_RETENTION_DAYS", 90)

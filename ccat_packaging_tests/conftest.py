@@ -57,6 +57,25 @@ def pg_url(pg_admin: Engine) -> Iterator[str]:
 
 
 @pytest.fixture
+def dagster_pg_env(pg_admin: Engine) -> Iterator[dict[str, str]]:
+    """An empty database for a Dagster instance and the ``DAGSTER_PG_*`` variables that the
+    production dagster.yaml reads; Dagster creates its tables on first use."""
+    name = f"ccat_dagster_{uuid.uuid4().hex[:12]}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin = pg_admin.url
+    yield {
+        "DAGSTER_PG_USER": admin.username or "postgres",
+        "DAGSTER_PG_PASSWORD": admin.password or "",
+        "DAGSTER_PG_HOST": admin.host or "127.0.0.1",
+        "DAGSTER_PG_PORT": str(admin.port or 5432),
+        "DAGSTER_PG_DB": name,
+    }
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'ops_db.sqlite'}"
     engine = make_engine(url)

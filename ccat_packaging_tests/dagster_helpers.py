@@ -23,9 +23,14 @@ def evaluate_sensor(
     return result
 
 
-def run_partition(instance: dg.DagsterInstance, key: str) -> dg.ExecuteInProcessResult:
-    """The packaging job for one file group, as a sensor run or a backfill would start it."""
+def run_partition(
+    instance: dg.DagsterInstance, key: str, tags: dict[str, str] | None = None
+) -> dg.ExecuteInProcessResult:
+    """The packaging job for one file group, as a backfill starts it (no tags) or, with the
+    tags a sensor sets, as a sensor run."""
     slug = GroupKey.parse(key).location_slug
     instance.add_dynamic_partitions(partitions_name(slug), [key])
     job = defs().resolve_job_def(job_name(slug))
-    return job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+    return job.execute_in_process(
+        instance=instance, partition_key=key, tags=tags, raise_on_error=False
+    )

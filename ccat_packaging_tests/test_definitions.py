@@ -25,6 +25,7 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
     assert sorted(j.name for j in definitions.resolve_all_job_defs()) == [
         "package_chai_raw_data",
         "package_primecam_raw_data",
+        "packaging_retention",
     ]
     job = definitions.resolve_job_def("package_primecam_raw_data")
     assert [n.name for n in job.graph.nodes_in_topological_order] == [

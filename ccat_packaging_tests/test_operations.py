@@ -1,6 +1,10 @@
-"""Operator tools: status, dry-run, and requeueing a failed package after the cause is fixed."""
+"""Operator tools: status, dry-run, requeueing a failed package after the cause is fixed, and
+verifying a package at rest."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -78,3 +82,52 @@ def test_requeue_refuses_unknown_names(world, capsys) -> None:
     assert "no failed package named 'nope'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["requeue", "--bogus"])
+
+
+def _completed_package(world) -> tuple[RawDataPackage, Path]:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    buf = world.location(site, "buf", LocationType.BUFFER)
+    group = world.group(src)
+    world.file_bytes(group, "a.dat", size=300_000)
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}").success
+    with world.session() as s:
+        package = s.query(RawDataPackage).one()
+    return package, world.root(buf) / package.relative_path
+
+
+def test_verify_rehashes_a_package_at_its_buffer_and_names_a_mismatch(world, capsys) -> None:
+    package, tar = _completed_package(world)
+    assert main(["verify", package.name]) == 0
+    out = capsys.readouterr().out
+    assert f"OK {package.name} at buf ({tar})" in out
+    assert f"sha256:{package.checksum}" in out
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0xFF  # one flipped bit at rest, same size
+    tar.write_bytes(bytes(data))
+    assert main(["verify", package.name]) == 1
+    out = capsys.readouterr().out
+    assert f"MISMATCH {package.name}" in out
+    assert f"found    {package.size} bytes sha256:{hashlib.sha256(data).hexdigest()}" in out
+    tar.unlink()
+    assert main(["verify", package.name]) == 1
+    assert "No such file or directory" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_package_without_a_recorded_checksum(world, capsys) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    group = world.group(src)
+    world.file(group, "a.dat", write=False, size=10)  # filed, but missing on disk
+    with dg.instance_for_test() as instance:
+        run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}")
+    with world.session() as s:
+        name = s.query(RawDataPackage).one().name
+    assert main(["verify", name]) == 1
+    assert "is failed: only completed packages have a recorded checksum" in (
+        capsys.readouterr().out
+    )
+    assert main(["verify", "nope"]) == 1
+    assert "no package named 'nope'" in capsys.readouterr().out

@@ -1,11 +1,12 @@
-"""Each location's sensor: one request per unpackaged group, nothing for packaged files."""
+"""Each location's sensor: one request per unpackaged group, nothing for packaged files, and a
+tick that cannot work says why."""
 
 from __future__ import annotations
 
 import dagster as dg
 import pytest
 
-from ccat_packaging.errors import NoActiveBufferError
+from ccat_packaging.errors import DatabaseUnavailableError, NoActiveBufferError
 from ccat_packaging.models import LocationType
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
@@ -68,3 +69,29 @@ def test_a_site_without_an_active_buffer_fails_the_tick_visibly(world) -> None:
         pytest.raises(NoActiveBufferError, match="no active BUFFER"),
     ):
         evaluate_sensor("package_src_sensor", instance, world.url)
+
+
+def test_an_unreachable_database_fails_the_tick_with_one_clear_line(world) -> None:
+    world.location(world.site(), "src", LocationType.SOURCE)
+    down = "postgresql+psycopg2://postgres:s3cret@127.0.0.1:1/nowhere"
+    with (
+        dg.instance_for_test() as instance,
+        pytest.raises(DatabaseUnavailableError) as info,
+    ):
+        evaluate_sensor("package_src_sensor", instance, down)
+    message = str(info.value)
+    assert message.startswith("operations database unavailable: connection to server at")
+    assert message.endswith("; the next tick tries again")
+    assert "\n" not in message and "s3cret" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no driver trace
+
+
+def test_a_tick_that_requests_runs_creates_its_host_pool_first(world) -> None:
+    _site_with_groups(world, n_groups=1)
+    pools = {"concurrency": {"pools": {"default_limit": 2}}}
+    with dg.instance_for_test(overrides=pools) as instance:
+        assert instance.event_log_storage.get_pool_limits() == []
+        evaluate_sensor("package_src_sensor", instance, world.url)
+        [pool] = instance.event_log_storage.get_pool_limits()
+    # Made before any run claims a slot: concurrent first claims would race in Dagster.
+    assert (pool.name, pool.limit, pool.from_default) == ("assembly_localhost", 2, True)

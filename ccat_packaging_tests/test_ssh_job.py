@@ -17,7 +17,10 @@ import dagster as dg
 import pytest
 from sqlalchemy import select
 
+from ccat_packaging import operations
+from ccat_packaging.cli import main
 from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging.resources import AssemblyHosts
 from ccat_packaging_tests.dagster_helpers import run_partition
 from ccat_packaging_tests.sshd import SshLab
 from ccat_packaging_tests.test_ssh_assembly import HOSTILE_NAMES
@@ -66,7 +69,7 @@ def test_job_packages_hostile_names_exactly_from_a_source_on_an_ssh_host(
 
     metadata = _output_metadata(result, "assemble_tar")
     assert metadata["assembled_on"] == lab.a.address
-    assert metadata["via_ssh"] is True
+    assert metadata["transport"] == "ssh"
     with world.session() as s:
         [package] = s.scalars(select(RawDataPackage)).all()
     assert package.status == Status.COMPLETED
@@ -108,3 +111,29 @@ def test_job_refuses_a_source_host_whose_key_is_unknown(
     assert "not in the known hosts file" in str(failure.event_specific_data)
     restarts = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
     assert restarts == []  # a refused host key is not retried
+
+
+def test_verify_hashes_a_package_on_its_buffer_host_over_ssh(
+    world, ssh_env: SshLab, capsys
+) -> None:
+    lab = ssh_env
+    site = world.site()
+    source = world.location(site, "src", LocationType.SOURCE)
+    buffer = world.location(
+        site, "remote_buf", LocationType.BUFFER, host=lab.b.address, port=lab.b.port, user="root"
+    )
+    group = world.group(source)
+    world.file_bytes(group, "frame.fits", size=100_000)
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}").success
+    with world.session() as s:
+        [copy] = operations.recorded_copies(s, s.scalars(select(RawDataPackage)).one().name)
+    hosts = AssemblyHosts(key_filename=str(lab.client_key), known_hosts=str(lab.known_hosts))
+    try:
+        assert hosts.runner_for(copy.location).via_ssh
+        check = operations.check_copy(hosts, copy)
+    finally:
+        hosts.close()
+    assert check.ok and check.path == str(world.root(buffer) / copy.relative_path)
+    assert main(["verify", copy.package]) == 0
+    assert f"OK {copy.package} at remote_buf" in capsys.readouterr().out

@@ -218,3 +218,80 @@ def test_a_file_smaller_than_filed_is_not_ready_rather_than_changed(tmp_path: Pa
 
 def _leftovers(root: Path) -> list[str]:
     return [p.name for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_read_ahead_and_directory_reuse_keep_the_archive_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small limits, so that files are opened ahead across directories, directories are
+    evicted and opened again, and members span several cache steps and buffers."""
+    monkeypatch.setattr(tar_agent, "READ_AHEAD_FILES", 4)
+    monkeypatch.setattr(tar_agent, "READ_AHEAD_BYTES", 3000)
+    monkeypatch.setattr(tar_agent, "DIRECTORY_FDS", 3)
+    monkeypatch.setattr(tar_agent, "CACHE_STEP", 1 << 16)
+    monkeypatch.setattr(tar_agent, "CACHE_LAG", 1 << 17)
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    contents = {f"d{d:02d}/{f}.dat": os.urandom(100 + 977 * d) for f in "ab" for d in range(9)}
+    contents["big/x.dat"] = os.urandom(5 * (1 << 16) + 123)
+    members = _tree(src, contents)  # a's of every directory, then b's: directories come back
+    filed = {name: ["sha256", hashlib.sha256(data).hexdigest()] for name, data in contents.items()}
+    before = _open_descriptors()
+    result = tar_agent.build(
+        {
+            "source_root": str(src),
+            "members": members,
+            "dest_root": str(dest),
+            "dest_relative": "p/pkg.tar",
+            "checksums": filed,
+        }
+    )
+    assert _open_descriptors() == before
+    data = Path(result["temp_path"]).read_bytes()
+    assert len(data) == tar_agent.predicted_size(
+        [(str(name), len(contents[str(name)])) for name, _ in members]
+    )
+    assert result["checksum"] == hashlib.sha256(data).hexdigest()
+    with tarfile.open(result["temp_path"]) as archive:
+        assert [m.name for m in archive] == list(contents)
+        for name, content in contents.items():
+            extracted = archive.extractfile(name)
+            assert extracted is not None and extracted.read() == content
+    tar_agent.verify({"path": result["temp_path"], "members": members})
+
+
+def test_a_failure_with_files_opened_ahead_closes_them_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {f"d{i % 3}/f{i:02d}.dat": os.urandom(1000) for i in range(40)})
+    copy = tar_agent._copy_member
+    copied: list[str] = []
+
+    def failing(pipe, relative, fd, st, check):
+        if len(copied) == 5:
+            raise AgentError("source_file", f"source file {relative!r} vanished")
+        copied.append(relative)
+        copy(pipe, relative, fd, st, check)
+
+    monkeypatch.setattr(tar_agent, "_copy_member", failing)
+    before = _open_descriptors()
+    with pytest.raises(AgentError, match="vanished"):
+        _build(src, dest, members)
+    assert _open_descriptors() == before
+    assert _leftovers(dest) == []
+
+
+def test_a_symlinked_directory_that_stays_inside_the_root_is_followed(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    _tree(src, {"real/a.dat": b"inside"})
+    (src / "alias").symlink_to(src / "real")
+    result = _build(src, dest, [["alias/a.dat", 6]])
+    with tarfile.open(result["temp_path"]) as archive:
+        assert [(m.name, m.size) for m in archive] == [("alias/a.dat", 6)]

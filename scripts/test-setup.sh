@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Machine-level prerequisites of the test suite, idempotent: PostgreSQL running on
-# 127.0.0.1:5432 and OpenSSH's server binary for the tests' own sshd processes.
+# 127.0.0.1:5432, OpenSSH's server binary for the tests' own sshd processes and Debian's
+# chromium for the end-to-end UI test.
 set -euo pipefail
 
 if ! command -v pg_isready >/dev/null || ! pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -11,8 +12,12 @@ if ! command -v pg_isready >/dev/null || ! pg_isready -q -h 127.0.0.1 -p 5432; t
   pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running on 127.0.0.1:5432" >&2; exit 1; }
 fi
 
-if [ ! -x /usr/sbin/sshd ]; then
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+# The end-to-end test's browser, driven by Playwright (never `playwright install`).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends openssh-server >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

@@ -1,0 +1,1 @@
+"""Benchmarks of ccat-packaging: run them with ``make bench`` (``python -m benchmarks``)."""

@@ -1,0 +1,173 @@
+"""The production processes for end-to-end tests: dagster-daemon and dagster-webserver started
+by ``scripts/run-dagster.sh`` on a PostgreSQL-backed instance, driven over GraphQL.
+
+The instance's dagster.yaml is the repository's, with test timings: a one-second run queue and
+one assembly slot per host (so the pool's limit is observable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+LOCATION = "ccat_packaging"
+REPOSITORY = "__repository__"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.5) -> T:
+    """Poll until ``probe`` returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def write_test_instance(home: Path) -> None:
+    """The production dagster.yaml with test timings, same structure otherwise."""
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config["run_queue"]["dequeue_interval_seconds"] = 1
+    config["concurrency"]["pools"]["default_limit"] = 1
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+
+
+@dataclass
+class Deployment:
+    port: int
+    processes: dict[str, subprocess.Popen[bytes]]
+    logs: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def graphql(self, query: str, **variables: Any) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+        if answer.get("errors"):
+            raise AssertionError(f"GraphQL errors: {answer['errors']}")
+        return dict(answer["data"])
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                log = (self.logs / f"{name}.log").read_text()[-3000:]
+                raise AssertionError(f"{name} exited with {process.returncode}:\n{log}")
+
+
+@contextlib.contextmanager
+def running_deployment(env: dict[str, str], logs: Path) -> Iterator[Deployment]:
+    """Daemon and webserver, each in its own process group, stopped (group and all: code
+    servers, run workers) on the way out."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **env,
+        "DAGSTER_BIN": str(Path(sys.executable).parent),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in ("daemon", "webserver"):
+            with open(logs / f"{name}.log", "wb") as log:
+                processes[name] = subprocess.Popen(
+                    [str(REPO / "scripts" / "run-dagster.sh"), name],
+                    cwd=REPO,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        deployment = Deployment(port, processes, logs)
+        wait_for("the webserver", lambda: _answers(deployment), timeout=90)
+        wait_for("the code location", lambda: _location_loaded(deployment), timeout=90)
+        yield deployment
+    finally:
+        for process in processes.values():
+            _stop_group(process)
+
+
+def _answers(deployment: Deployment) -> bool:
+    deployment.check_alive()
+    try:
+        with urllib.request.urlopen(f"{deployment.url}/server_info", timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _location_loaded(deployment: Deployment) -> bool:
+    data = deployment.graphql(
+        """{ workspaceOrError { ... on Workspace { locationEntries {
+             name loadStatus
+             locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+    )
+    for entry in data["workspaceOrError"]["locationEntries"]:
+        loaded = entry["locationOrLoadError"]
+        if loaded and loaded["__typename"] == "PythonError":
+            raise AssertionError(f"the code location failed to load: {loaded['message']}")
+        if entry["name"] == LOCATION and entry["loadStatus"] == "LOADED":
+            return True
+    return False
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the whole group, SIGKILL to whatever is left after 20 s."""
+    group = process.pid
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.2)
+            if not live_members(group):
+                return
+    raise AssertionError(f"processes {live_members(group)} of group {group} survived SIGKILL")
+
+
+def live_members(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (an orphaned zombie waits for
+    whoever reaps orphans here, and holds nothing)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members

@@ -1,0 +1,356 @@
+"""The operator's view end to end, with the real processes and a real browser.
+
+dagster-daemon and dagster-webserver run from ``scripts/run-dagster.sh`` on a PostgreSQL
+instance configured like production (but one assembly slot per host). Through GraphQL the
+test starts the location sensors and waits for their runs, whose assemblies take turns in
+the host's pool; launches a partition backfill that packages a late file and re-drives a
+failed package while the pool's slot is held (both runs wait, then assemble one at a time);
+re-executes a failed sensor run from the failed step; and reloads
+the code location after adding a location. Then headless chromium opens the UI, checks that
+the expected names are on each page and saves screenshots under ``test-artifacts/e2e_ui/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+from sqlalchemy import select
+
+from ccat_packaging.jobs import host_pool
+from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging_tests.deployment import (
+    LOCATION,
+    REPO,
+    REPOSITORY,
+    Deployment,
+    running_deployment,
+    wait_for,
+    write_test_instance,
+)
+from ccat_packaging_tests.world import Group
+
+pytestmark = pytest.mark.e2e
+
+ARTIFACTS = REPO / "test-artifacts" / "e2e_ui"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PRIMECAM, CHAI = "package_primecam_raw", "package_chai_raw"
+POOL = host_pool("localhost")
+HOLDER = "e2e-slot-holder"  # a run id that holds the pool's only slot
+REPOSITORY_SELECTOR = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
+
+START_SENSOR = """
+mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) {
+  __typename ... on Sensor { sensorState { id status } } ... on PythonError { message } } }"""
+STOP_SENSOR = """
+mutation($id: String!) { stopSensor(id: $id) {
+  __typename ... on StopSensorMutationResult { instigationState { status } }
+  ... on PythonError { message } } }"""
+LAUNCH_BACKFILL = """
+mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message }
+  ... on InvalidSubsetError { message } } }"""
+REEXECUTE = """
+mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+RELOAD = """
+mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $name) {
+  __typename ... on PythonError { message } } }"""
+SENSORS = """
+query($r: RepositorySelector!) { repositoryOrError(repositorySelector: $r) {
+  ... on Repository { sensors { name } } } }"""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Two SOURCE locations on this machine and a buffer. At primecam_raw group A packages
+    and group B's package fails (a file is missing); at chai_raw group D's fails the same way."""
+
+    a: Group
+    b: Group
+    d: Group
+
+    def key(self, group: Group) -> str:
+        location = "chai_raw" if group == self.d else "primecam_raw"
+        return f"{location}__eou{group.eou_id}__mod{group.module_id}"
+
+    def package(self, group: Group, part: int = 1) -> str:
+        return f"{self.key(group)}__part{part:03d}"
+
+
+def _site(world) -> tuple[Site, dict[str, tuple[Path, bytes]]]:
+    """The site, and the missing files with their content, to put back later."""
+    site = world.site()
+    primecam = world.location(site, "primecam_raw", LocationType.SOURCE)
+    chai = world.location(site, "chai_raw", LocationType.SOURCE)
+    world.location(site, "ccat_buffer", LocationType.BUFFER)
+    groups = {"a": world.group(primecam), "b": world.group(primecam), "d": world.group(chai)}
+    missing = {}
+    for name, group in groups.items():
+        for i in range(3):
+            world.file_bytes(group, f"{name}/scan_{i:02d}.fits", size=200_000 + i)
+        if name != "a":
+            path = world.root(group.location_id) / f"{name}/scan_01.fits"
+            missing[name] = (path, path.read_bytes())
+            path.unlink()
+    return Site(**groups), missing
+
+
+@pytest.fixture
+def instance_env(
+    world, dagster_pg_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """This process's environment pointing at a fresh test instance and the world's
+    operations database: for the Dagster processes and for this test's own instance."""
+    home = tmp_path / "dagster_home"
+    write_test_instance(home)
+    for name, value in dagster_pg_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CCAT_SENSOR_INTERVAL_SECONDS", "5")
+    return dict(os.environ)
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    return ARTIFACTS
+
+
+def _start_sensor(deployment: Deployment, name: str) -> str:
+    selector = {**REPOSITORY_SELECTOR, "sensorName": name}
+    result = deployment.graphql(START_SENSOR, s=selector)["startSensor"]
+    assert result["__typename"] == "Sensor", result
+    assert result["sensorState"]["status"] == "RUNNING"
+    return str(result["sensorState"]["id"])
+
+
+def _runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.RunRecord]:
+    return list(instance.get_run_records(dg.RunsFilter(tags=tags)))
+
+
+def _all_finished(instance: dg.DagsterInstance, sensor: str, count: int) -> bool:
+    records = _runs(instance, **{"dagster/sensor_name": sensor})
+    return len(records) >= count and all(r.dagster_run.is_finished for r in records)
+
+
+def _finished_run(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
+    run = instance.get_run_by_id(run_id)
+    return run if run is not None and run.is_finished else None
+
+
+def _finished_backfill(instance: dg.DagsterInstance, backfill_id: str) -> PartitionBackfill | None:
+    backfill = instance.get_backfill(backfill_id)
+    return backfill if backfill and backfill.status != BulkActionStatus.REQUESTED else None
+
+
+def _packages(world) -> dict[str, RawDataPackage]:
+    with world.session() as s:
+        return {p.name: p for p in s.scalars(select(RawDataPackage))}
+
+
+def _step_times(instance: dg.DagsterInstance, run_id: str, step: str) -> list[float]:
+    """Start and end of the run's steps whose key starts with ``step``."""
+    events = instance.all_logs(
+        run_id,
+        of_type={
+            dg.DagsterEventType.STEP_START,
+            dg.DagsterEventType.STEP_SUCCESS,
+            dg.DagsterEventType.STEP_FAILURE,
+        },
+    )
+    return [e.timestamp for e in events if str(e.step_key).startswith(step)]
+
+
+def _assert_assemblies_one_at_a_time(
+    instance: dg.DagsterInstance, runs: list[dg.RunRecord]
+) -> None:
+    """The pool of the one host (limit 1) let no two assemblies overlap."""
+    spans = sorted(_step_times(instance, r.dagster_run.run_id, "assemble_tar") for r in runs)
+    assert all(len(span) == 2 for span in spans), spans
+    for earlier, later in itertools.pairwise(spans):
+        assert earlier[1] <= later[0], f"assemblies overlapped: {spans}"
+
+
+def test_sensors_backfill_reexecution_and_the_ui(
+    world, instance_env: dict[str, str], artifacts: Path
+) -> None:
+    site, missing = _site(world)  # before the code location loads: it reads locations once
+    with (
+        running_deployment(instance_env, artifacts / "logs") as deployment,
+        dg.DagsterInstance.get() as instance,
+    ):
+        # 1. One sensor per SOURCE location, started through GraphQL.
+        primecam_sensor = _start_sensor(deployment, f"{PRIMECAM}_sensor")
+        _start_sensor(deployment, f"{CHAI}_sensor")
+        wait_for(
+            "the sensor runs",
+            lambda: (
+                _all_finished(instance, f"{PRIMECAM}_sensor", 2)
+                and _all_finished(instance, f"{CHAI}_sensor", 1)
+            ),
+            timeout=120,
+        )
+        # The three runs' assemblies took turns in the host's pool (limit 1 in this instance).
+        _assert_assemblies_one_at_a_time(
+            instance, _runs(instance, **{"ccat/source_host": "localhost"})
+        )
+        packages = _packages(world)
+        assert packages[site.package(site.a)].status == Status.COMPLETED
+        for group, name in ((site.b, "b"), (site.d, "d")):
+            failed = packages[site.package(group)]
+            assert failed.status == Status.FAILED
+            assert f"'{name}/scan_01.fits' is missing" in (failed.failure_reason or "")
+
+        # 2. Re-execute chai_raw's failed sensor run from the failed step, file restored.
+        # The primecam sensor stops first, so that the backfill below has its groups.
+        stopped = deployment.graphql(STOP_SENSOR, id=primecam_sensor)["stopSensor"]
+        assert stopped["instigationState"]["status"] == "STOPPED", stopped
+        [failed_run] = _runs(instance, **{"dagster/sensor_name": f"{CHAI}_sensor"})
+        path, content = missing["d"]
+        path.write_bytes(content)
+        relaunched = deployment.graphql(
+            REEXECUTE,
+            p={"parentRunId": failed_run.dagster_run.run_id, "strategy": "FROM_FAILURE"},
+        )["launchRunReexecution"]
+        assert relaunched["__typename"] == "LaunchRunSuccess", relaunched
+        rerun_id = relaunched["run"]["runId"]
+        rerun = wait_for("the re-execution", lambda: _finished_run(instance, rerun_id), 90)
+        assert rerun.status == dg.DagsterRunStatus.SUCCESS
+        assert _step_times(instance, rerun_id, "create_package_records") == []
+        assert _packages(world)[site.package(site.d)].status == Status.COMPLETED
+
+        # 3. A backfill of A and B: A's late file goes into a new part, B's failed package is
+        # re-driven. The host's only pool slot is held meanwhile, so both runs wait for it.
+        # (The primecam sensor, stopped for a while now, must not take the late file.)
+        path, content = missing["b"]
+        path.write_bytes(content)
+        world.file_bytes(site.a, "a/late/scan_99.fits", size=150_000)
+        storage = instance.event_log_storage
+        assert storage.get_concurrency_info(POOL).slot_count == 1
+        assert storage.claim_concurrency_slot(POOL, HOLDER, "hold").is_claimed
+        launched = deployment.graphql(
+            LAUNCH_BACKFILL,
+            p={
+                "selector": {
+                    "partitionSetName": f"{PRIMECAM}_partition_set",
+                    "repositorySelector": REPOSITORY_SELECTOR,
+                },
+                "partitionNames": [site.key(site.a), site.key(site.b)],
+                "title": "re-drive primecam_raw",
+            },
+        )["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill_id = launched["backfillId"]
+        wait_for(
+            "both backfill runs to wait for the pool",
+            lambda: len(storage.get_concurrency_info(POOL).pending_run_ids) == 2,
+            timeout=90,
+        )
+        time.sleep(2)
+        backfill_runs = _runs(instance, **{"dagster/backfill": backfill_id})
+        assert len(backfill_runs) == 2
+        for record in backfill_runs:
+            assert _step_times(instance, record.dagster_run.run_id, "assemble_tar") == []
+        storage.free_concurrency_slots_for_run(HOLDER)
+        backfill = wait_for(
+            "the backfill", lambda: _finished_backfill(instance, backfill_id), timeout=120
+        )
+        assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS
+        _assert_assemblies_one_at_a_time(instance, backfill_runs)
+        packages = _packages(world)
+        redriven = packages[site.package(site.b)]
+        assert (redriven.status, redriven.retry_count) == (Status.COMPLETED, 0)
+        assert packages[site.package(site.a, part=2)].status == Status.COMPLETED
+        assert len(_runs(instance, **{"dagster/sensor_name": f"{PRIMECAM}_sensor"})) == 2
+
+        # 4. A new location gets its sensor once the code location is reloaded.
+        world.location(world.site("cologne"), "cologne_raw", LocationType.SOURCE)
+        reloaded = deployment.graphql(RELOAD, name=LOCATION)["reloadRepositoryLocation"]
+        assert reloaded["__typename"] == "WorkspaceLocationEntry", reloaded
+        sensors = deployment.graphql(SENSORS, r=REPOSITORY_SELECTOR)["repositoryOrError"]
+        assert "package_cologne_raw_sensor" in {s["name"] for s in sensors["sensors"]}
+
+        # 5. The primecam sensor once more: nothing new, and its ticks say so (the UI waits).
+        _start_sensor(deployment, f"{PRIMECAM}_sensor")
+        redrive_run = next(
+            r.dagster_run.run_id
+            for r in backfill_runs
+            if r.dagster_run.tags["dagster/partition"] == site.key(site.b)
+        )
+        _browse(deployment, artifacts, site, backfill_id, redrive_run)
+
+
+def _browse(
+    deployment: Deployment, artifacts: Path, site: Site, backfill_id: str, run_id: str
+) -> None:
+    from playwright.sync_api import Page, sync_playwright
+
+    assert CHROMIUM.exists(), "run scripts/test-setup.sh: it installs Debian's chromium"
+
+    def shot(page: Page, name: str, path: str | None, expected: list[str]) -> None:
+        if path is not None:
+            page.goto(deployment.url + path)
+            page.wait_for_load_state("networkidle")
+        for text in expected:
+            found = page.get_by_text(text).first
+            found.wait_for()
+            found.scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)  # dialogs fade in, tables fill in
+        page.screenshot(path=str(artifacts / f"{name}.png"))
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(30_000)
+        shot(
+            page,
+            "01_sensors",
+            "/automation",
+            [
+                "Standard sensor",  # shown once the sensors' states have loaded
+                f"{PRIMECAM}_sensor",
+                f"{CHAI}_sensor",
+                "package_cologne_raw_sensor",
+            ],
+        )
+        shot(page, "02_sensor", f"/locations/{LOCATION}/sensors/{PRIMECAM}_sensor", ["~5 sec"])
+        page.get_by_role("button", name="0 runs requested").first.click()
+        shot(page, "03_skipped_tick", None, ["no new unpackaged files at 'primecam_raw'"])
+        shot(
+            page,
+            "04_partitions",
+            f"/locations/{LOCATION}/jobs/{PRIMECAM}/partitions",
+            [site.key(site.a), site.key(site.b), "Backfill history"],
+        )
+        shot(page, "05_backfill", f"/runs/b/{backfill_id}?tab=runs", ["Succeeded"])
+        page.goto(f"{deployment.url}/runs/{run_id}")
+        page.get_by_placeholder("Filter…").fill("step:assemble_tar[part001]")
+        shot(page, "06_run_waits_for_pool", None, [f"Step blocked by limit for pool {POOL}"])
+        page.get_by_placeholder("Filter…").fill("step:register_at_buffer[part001]")
+        page.get_by_text("Materialized value raw_data_packages").wait_for()  # filter applied
+        page.get_by_text("View full message").first.click()
+        shot(page, "07_run_metadata", None, ["buffer_path", "sha256:", "throughput_MB_per_s"])
+        page.goto(f"{deployment.url}/assets/raw_data_packages?view=events")
+        # The list's oldest entry of group B is its failure (not the detail panel's link).
+        page.get_by_text(site.key(site.b), exact=True).and_(page.locator("span")).last.click()
+        shot(page, "08_package_history", None, ["SourceFileError", site.package(site.b)])
+        browser.close()
