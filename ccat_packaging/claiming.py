@@ -11,7 +11,6 @@ into a new part, so a completed package is never rewritten.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, func, select, update
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 from ccat_packaging.discovery import GroupKey, primary_buffer, source_location_for
 from ccat_packaging.errors import ClaimConflictError
 from ccat_packaging.models import DiskDataLocation, RawDataFile, RawDataPackage, Status
+from ccat_packaging.registration import reset_failed
 
 UNFINISHED = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
 
@@ -130,7 +130,7 @@ def claim_packages(
     source = source_location_for(session, key)
     buffer = primary_buffer(session, source.site_id)
     if redrive_failed:
-        redrive(session, key, source.id, owner)
+        reset_failed(session, *_group_filter(key, source.id), owner=owner)
     packages = list(
         session.scalars(
             select(RawDataPackage)
@@ -171,26 +171,6 @@ def plan_for(
         members=members,
         filed_checksums=filed,
     )
-
-
-def redrive(session: Session, key: GroupKey, location_id: int, owner: str) -> list[str]:
-    """The group's failed packages back to ``pending``, leased to ``owner``, retry count and
-    reason cleared; their files stay claimed, so they are rebuilt as they were. Returns the
-    names taken back."""
-    result = session.execute(
-        update(RawDataPackage)
-        .where(*_group_filter(key, location_id), RawDataPackage.status == Status.FAILED)
-        .values(
-            status=Status.PENDING,
-            retry_count=0,
-            failure_reason=None,
-            lease_owner=owner,
-            updated_at=datetime.now(UTC),
-        )
-        .returning(RawDataPackage.name)
-        .execution_options(synchronize_session=False)
-    )
-    return list(result.scalars())
 
 
 def _group_filter(key: GroupKey, location_id: int) -> tuple[ColumnElement[bool], ...]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+
+from sqlalchemy.orm import Session
 
 from ccat_packaging import operations, settings
 from ccat_packaging.db import make_engine, redacted, session_scope
@@ -22,9 +26,19 @@ def _init_db(_: argparse.Namespace) -> int:
     return 0
 
 
-def _status(_: argparse.Namespace) -> int:
+@contextmanager
+def _ops_session() -> Iterator[Session]:
+    """One transaction on CCAT_OPS_DB_URL; the engine is closed with it."""
     engine = make_engine(settings.ops_db_url())
-    with session_scope(engine) as session:
+    try:
+        with session_scope(engine) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _status(_: argparse.Namespace) -> int:
+    with _ops_session() as session:
         rows = operations.backlog(session)
     now = datetime.now(UTC)
     print(f"{'location':<28} {'files':>8} {'GB':>10} {'oldest':>10}  packages by status")
@@ -40,8 +54,7 @@ def _status(_: argparse.Namespace) -> int:
 
 
 def _dry_run(_: argparse.Namespace) -> int:
-    engine = make_engine(settings.ops_db_url())
-    with session_scope(engine) as session:
+    with _ops_session() as session:
         rows = operations.dry_run(session)
     for row in rows:
         target = f"-> buffer {row.buffer}" if row.buffer else f"ERROR: {row.problem}"
@@ -55,8 +68,7 @@ def _requeue(args: argparse.Namespace) -> int:
     if not (args.package or args.location or args.all):
         print("say which: --package NAME, --location NAME or --all")
         return 2
-    engine = make_engine(settings.ops_db_url())
-    with session_scope(engine) as session:
+    with _ops_session() as session:
         names = operations.requeue_failed(session, args.package, args.location)
     for name in names:
         print(f"requeued {name}")
@@ -69,10 +81,8 @@ def _verify(args: argparse.Namespace) -> int:
     a package of hundreds of GB is read."""
     from ccat_packaging.resources import assembly_hosts_from_env  # imports Dagster: only here
 
-    engine = make_engine(settings.ops_db_url())
-    with session_scope(engine) as session:
+    with _ops_session() as session:
         copies = operations.recorded_copies(session, args.package)
-    engine.dispose()
     failed = 0
     with assembly_hosts_from_env().process_config_and_initialize_cm() as hosts:
         for copy in copies:

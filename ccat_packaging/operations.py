@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_packaging.assembly.hosts import Hosts
@@ -25,6 +25,7 @@ from ccat_packaging.models import (
     RawDataPackagePhysicalCopy,
     Status,
 )
+from ccat_packaging.registration import reset_failed
 
 
 @dataclass(frozen=True)
@@ -104,30 +105,19 @@ def requeue_failed(
 ) -> list[str]:
     """Failed packages back to ``pending`` with a fresh retry budget; the location's sensor
     starts a run for each on its next tick. Returns the names requeued."""
-    stmt = select(RawDataPackage).where(RawDataPackage.status == Status.FAILED)
+    conditions = []
     if package is not None:
-        stmt = stmt.where(RawDataPackage.name == package)
+        conditions.append(RawDataPackage.name == package)
     if location is not None:
         loc = session.scalars(
             select(DiskDataLocation).where(DiskDataLocation.name == location)
         ).one_or_none()
         if loc is None:
             raise ConfigurationError(f"no location named {location!r}")
-        stmt = stmt.where(RawDataPackage.source_location_id == loc.id)
-    names = [p.name for p in session.scalars(stmt.order_by(RawDataPackage.name))]
+        conditions.append(RawDataPackage.source_location_id == loc.id)
+    names = reset_failed(session, *conditions, owner=None)
     if package is not None and not names:
         raise ConfigurationError(f"no failed package named {package!r}")
-    session.execute(
-        update(RawDataPackage)
-        .where(RawDataPackage.name.in_(names))
-        .values(
-            status=Status.PENDING,
-            retry_count=0,
-            failure_reason=None,
-            lease_owner=None,
-            updated_at=datetime.now(UTC),
-        )
-    )
     return names
 
 

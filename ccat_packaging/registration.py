@@ -120,6 +120,29 @@ def mark_failed(session: Session, package_id: int, owner: str, reason: str) -> b
     return _changed(result)
 
 
+def reset_failed(
+    session: Session, *conditions: ColumnElement[bool], owner: str | None
+) -> list[str]:
+    """Failed packages matching ``conditions`` back to ``pending`` with a fresh retry budget
+    and no reason; their files stay claimed, so each is rebuilt as it was. ``owner`` leases
+    them to a run that is about to build them; None leaves them to the next run of their group
+    (which the location's sensor requests). Returns the names taken back."""
+    result = session.execute(
+        update(RawDataPackage)
+        .where(RawDataPackage.status == Status.FAILED, *conditions)
+        .values(
+            status=Status.PENDING,
+            retry_count=0,
+            failure_reason=None,
+            lease_owner=owner,
+            updated_at=datetime.now(UTC),
+        )
+        .returning(RawDataPackage.name)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(result.scalars())
+
+
 def complete(session: Session, package_id: int, buffer_location_id: int) -> RawDataPackage:
     """Mark the package completed and record its physical copy at the buffer (idempotent)."""
     package = session.get_one(RawDataPackage, package_id)

@@ -516,11 +516,13 @@ def test_one_connection_per_host_is_reused_across_steps(
     ssh_lab: SshLab, hosts: AssemblyHosts, corpus: Corpus, tmp_path: Path
 ) -> None:
     def connections() -> int:
+        """This process's established connections to the two hosts (others' come and go)."""
         ports = f"( dport = :{ssh_lab.a.port} or dport = :{ssh_lab.b.port} )"
         listing = subprocess.run(
-            ["ss", "-Htn", "state", "established", ports], capture_output=True, text=True
+            ["ss", "-Htnp", "state", "established", ports], capture_output=True, text=True
         )
-        return len(listing.stdout.splitlines())
+        mine = f"pid={os.getpid()},"
+        return sum(1 for line in listing.stdout.splitlines() if mine in line)
 
     before = connections()
     plan = plan_for(
