@@ -507,17 +507,8 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     root_real, members = _source(spec)
     need = predicted_size(members)
     with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
-        digest, total = _write_archive(fd, root_real, members, spec.get("checksums", {}))
-        if total != need:
-            raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
-    return {
-        "temp_path": temp_path,
-        "size": total,
-        "checksum": digest,
-        "algorithm": ALGORITHM,
-        "members": len(members),
-        "seconds": time.monotonic() - started,
-    }
+        result = _write_predicted(fd, spec, root_real, members, need, started)
+    return {"temp_path": temp_path, **result}
 
 
 def send(spec: dict[str, Any], out_fd: int) -> dict[str, Any]:
@@ -528,10 +519,22 @@ def send(spec: dict[str, Any], out_fd: int) -> dict[str, Any]:
     """
     started = time.monotonic()
     root_real, members = _source(spec)
-    need = predicted_size(members)
+    return _write_predicted(out_fd, spec, root_real, members, predicted_size(members), started)
+
+
+def _write_predicted(
+    out_fd: int,
+    spec: dict[str, Any],
+    root_real: str,
+    members: list[tuple[str, int]],
+    need: int,
+    started: float,
+) -> dict[str, Any]:
+    """Write the archive and insist on exactly the predicted size; the result ``build`` and
+    ``send`` report."""
     digest, total = _write_archive(out_fd, root_real, members, spec.get("checksums", {}))
     if total != need:
-        raise AgentError("verification", f"sent {total} bytes but {need} were predicted")
+        raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
     return {
         "size": total,
         "checksum": digest,
