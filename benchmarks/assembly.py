@@ -48,7 +48,7 @@ from benchmarks.common import (
     median,
 )
 from ccat_packaging.assembly import archive, tar_agent
-from ccat_packaging.claiming import Endpoint, PackagePlan
+from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts
 from ccat_packaging_tests.sshd import SshServer, keygen, running_sshd
 
@@ -253,14 +253,14 @@ def ours(where: str, checksums: bool) -> Method:
             1,
             "bench/bench.tar",
             source,
-            buffer,
+            1,
             tuple(data.members),
             data.filed() if checksums else (),
         )
         hosts = lab.hosts()
         try:
             started = time.perf_counter()
-            built = archive.assemble(hosts, plan)
+            built = archive.assemble(hosts, plan, buffer)
             seconds = time.perf_counter() - started
             archive.verify(hosts, plan, built)
             verify_seconds = time.perf_counter() - started - seconds
@@ -398,7 +398,7 @@ def rows_for(data: DataSet, results: dict[str, list[dict[str, float]]], cold: bo
 WORKER = """
 import json, sys, time
 from ccat_packaging.assembly import archive
-from ccat_packaging.claiming import Endpoint, PackagePlan
+from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts
 import ccat_packaging.definitions  # everything a run worker has loaded
 spec = json.loads(sys.argv[1])
@@ -408,11 +408,11 @@ def status(key):
             return int(line.split()[1])
 before = status("VmHWM")
 here = lambda root: Endpoint(1, "x", "localhost", None, 22, root)
-plan = PackagePlan(1, "m", "m", 1, "m/m.tar", here(spec["source"]), here(spec["buffer"]),
+plan = PackagePlan(1, "m", "m", 1, "m/m.tar", here(spec["source"]), 1,
                    tuple(tuple(m) for m in spec["members"]), tuple(tuple(f) for f in spec["filed"]))
 hosts = AssemblyHosts()
 started = time.perf_counter()
-built = archive.assemble(hosts, plan)
+built = archive.assemble(hosts, plan, here(spec["buffer"]))
 seconds = time.perf_counter() - started
 archive.discard(hosts, built)
 print(json.dumps({"before_kib": before, "peak_kib": status("VmHWM"), "seconds": seconds}))
@@ -475,7 +475,7 @@ def ssh_peak(data: DataSet, lab: Lab) -> tuple[int, float]:
         1,
         "ssh/m.tar",
         lab.a.endpoint(data.root, "src"),
-        lab.a.endpoint(lab.out, "buf"),
+        1,
         tuple(data.members),
         data.filed(),
     )
@@ -485,7 +485,7 @@ def ssh_peak(data: DataSet, lab: Lab) -> tuple[int, float]:
     def work() -> None:
         started = time.perf_counter()
         try:
-            done["built"] = archive.assemble(hosts, plan)
+            done["built"] = archive.assemble(hosts, plan, lab.a.endpoint(lab.out, "buf"))
         except BaseException as exc:
             done["error"] = exc
         done["seconds"] = time.perf_counter() - started

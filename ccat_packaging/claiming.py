@@ -17,54 +17,15 @@ from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ccat_packaging.discovery import GroupKey, primary_buffer, source_location_for
+from ccat_packaging import settings
+from ccat_packaging.buffer_choice import buffer_candidates
+from ccat_packaging.discovery import GroupKey, source_location_for
 from ccat_packaging.errors import ClaimConflictError
 from ccat_packaging.models import DiskDataLocation, RawDataFile, RawDataPackage, Status
+from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.registration import reset_failed
 
 UNFINISHED = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A disk location as the assembly step needs it: where, on which host, as whom."""
-
-    location_id: int
-    location_name: str
-    host: str
-    user: str | None
-    port: int
-    root: str
-
-    @classmethod
-    def of(cls, location: DiskDataLocation) -> Endpoint:
-        return cls(
-            location.id, location.name, location.host, location.user, location.port, location.path
-        )
-
-
-@dataclass(frozen=True)
-class PackagePlan:
-    """Everything the later steps need, so they never re-derive it from a changing database."""
-
-    package_id: int
-    name: str
-    group_key: str
-    part: int
-    relative_path: str
-    source: Endpoint
-    buffer: Endpoint
-    members: tuple[tuple[str, int], ...]
-    # (relative_path, algorithm, checksum) of the members filed with a checksum
-    filed_checksums: tuple[tuple[str, str, str], ...] = ()
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.members)
-
-    def checksum_spec(self) -> dict[str, list[str]]:
-        """The filed checksums as the tar agent takes them: the bytes archived must match."""
-        return {path: [algorithm, value] for path, algorithm, value in self.filed_checksums}
 
 
 def package_name(key: GroupKey, part: int) -> str:
@@ -79,6 +40,11 @@ def package_relative_path(key: GroupKey, part: int) -> str:
 class PackageLimits:
     max_bytes: int
     max_files: int
+
+    @classmethod
+    def configured(cls) -> PackageLimits:
+        """The caps set by ``CCAT_PACKAGE_MAX_BYTES`` and ``CCAT_PACKAGE_MAX_FILES``."""
+        return cls(settings.package_max_bytes(), settings.package_max_files())
 
 
 def path_order(path: str) -> bytes:
@@ -128,7 +94,7 @@ def claim_packages(
     budget, before the unfinished ones are listed.
     """
     source = source_location_for(session, key)
-    buffer = primary_buffer(session, source.site_id)
+    buffer_candidates(session, source.site_id)
     if redrive_failed:
         reset_failed(session, *_group_filter(key, source.id), owner=owner)
     packages = list(
@@ -139,15 +105,11 @@ def claim_packages(
         )
     )
     packages += _new_parts(session, key, source.id, limits, owner)
-    return [plan_for(session, package, key, source, buffer) for package in packages]
+    return [plan_for(session, package, key, source) for package in packages]
 
 
 def plan_for(
-    session: Session,
-    package: RawDataPackage,
-    key: GroupKey,
-    source: DiskDataLocation,
-    buffer: DiskDataLocation,
+    session: Session, package: RawDataPackage, key: GroupKey, source: DiskDataLocation
 ) -> PackagePlan:
     rows = session.execute(
         select(
@@ -167,7 +129,7 @@ def plan_for(
         part=package.part,
         relative_path=package.relative_path,
         source=Endpoint.of(source),
-        buffer=Endpoint.of(buffer),
+        source_site_id=source.site_id,
         members=members,
         filed_checksums=filed,
     )

@@ -1,4 +1,4 @@
-"""Finding work: SOURCE locations, their unpackaged file groups, and the buffer to fill.
+"""Finding work: SOURCE locations, their unpackaged file groups, and packages left unfinished.
 
 A file group is (SOURCE location, executed obs unit, instrument module). Its key is also the
 Dagster partition key, so everything a run needs can be derived from the key and the database.
@@ -14,14 +14,13 @@ from datetime import UTC, datetime
 from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from ccat_packaging.errors import ConfigurationError, NoActiveBufferError
+from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.models import (
     DataLocation,
     DiskDataLocation,
     LocationType,
     RawDataFile,
     RawDataPackage,
-    Site,
     Status,
 )
 
@@ -147,36 +146,6 @@ def unpackaged_groups(
         FileGroup(GroupKey(slug, eou, mod), int(count), int(total), _aware(newest_at))
         for eou, mod, count, total, newest_at in session.execute(stmt)
     ]
-
-
-def buffer_candidates(session: Session, site_id: int) -> list[DiskDataLocation]:
-    """The site's active BUFFERs, preferred first: lowest priority number, ties by lowest id.
-
-    No active buffer is a configuration error, never a reason to skip quietly.
-    """
-    buffers = session.scalars(
-        select(DataLocation)
-        .where(
-            DataLocation.site_id == site_id,
-            DataLocation.location_type == LocationType.BUFFER,
-            DataLocation.active.is_(True),
-        )
-        .order_by(DataLocation.priority, DataLocation.id)
-    ).all()
-    if not buffers:
-        site = session.get_one(Site, site_id)
-        raise NoActiveBufferError(
-            f"site {site.short_name!r} has no active BUFFER location; add or activate one"
-        )
-    disk = [b for b in buffers if isinstance(b, DiskDataLocation)]
-    if len(disk) != len(buffers):
-        odd = ", ".join(f"{b.name} ({b.storage_type})" for b in buffers if b not in disk)
-        raise ConfigurationError(f"packages are written to disk buffers only; not to {odd}")
-    return disk
-
-
-def primary_buffer(session: Session, site_id: int) -> DiskDataLocation:
-    return buffer_candidates(session, site_id)[0]
 
 
 def _aware(value: datetime) -> datetime:

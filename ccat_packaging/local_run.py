@@ -1,6 +1,6 @@
 """Driving the real sensors and the real job without a daemon.
 
-Used by the embedded demo and by ``ccat-packaging run-once``: every sensor of the code location
+Used by the embedded demo (``ccat-packaging demo``): every sensor of the code location
 is ticked until it has nothing more to request, its partitions are registered, and each
 requested run is executed in this process against the given Dagster instance. A run key already
 used by an earlier run of the same sensor is skipped, as the daemon would.
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import dagster as dg
-from dagster._core.storage.dagster_run import RunsFilter
+
+from ccat_packaging.names import RUN_KEY_TAG, SENSOR_NAME_TAG
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ def _launch(
     log_level: str,
 ) -> RunOutcome:
     key = request.partition_key or ""
-    tags = {"dagster/sensor_name": sensor, "dagster/run_key": request.run_key or ""}
-    if request.run_key and instance.get_run_records(RunsFilter(tags=tags), limit=1):
+    tags = {SENSOR_NAME_TAG: sensor, RUN_KEY_TAG: request.run_key or ""}
+    if request.run_key and instance.get_run_records(dg.RunsFilter(tags=tags), limit=1):
         return RunOutcome(sensor, key, None, True, skipped_reason="run key already used")
     result = job.execute_in_process(
         instance=instance,

@@ -12,15 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
 from ccat_packaging import settings
-from ccat_packaging.jobs import PIPELINE_TAG, partitions_name
+from ccat_packaging.names import PIPELINE, PIPELINE_TAG, partitions_name
 from ccat_packaging.resources import OpsDatabase
 from ccat_packaging.retention import retirable_groups
 
 RUN_DELETE_BATCH = 500
-FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
 @dg.op
@@ -58,8 +57,8 @@ def delete_old_runs(context: dg.OpExecutionContext) -> int:
         context.log.info("CCAT_RUN_RETENTION_DAYS is 0: runs are kept")
         return 0
     instance = context.instance
-    runs = RunsFilter(
-        tags={PIPELINE_TAG: "ccat_packaging"},
+    runs = dg.RunsFilter(
+        tags={PIPELINE_TAG: PIPELINE},
         statuses=FINISHED,
         updated_before=datetime.now(UTC) - timedelta(days=days),
     )
@@ -79,7 +78,7 @@ def delete_old_runs(context: dg.OpExecutionContext) -> int:
 @dg.job(
     description="Forget partitions of file groups completed long ago and delete old finished "
     "runs; the operations database is not changed.",
-    tags={PIPELINE_TAG: "ccat_packaging"},
+    tags={PIPELINE_TAG: PIPELINE},
     executor_def=dg.in_process_executor,
 )
 def packaging_retention() -> None:

@@ -101,7 +101,7 @@ class DataLocation(Base):
     location_type: Mapped[LocationType] = mapped_column(_enum_column(LocationType))
     storage_type: Mapped[StorageType] = mapped_column(_enum_column(StorageType))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    # 1 is preferred; ties are broken by id (see discovery.primary_buffer).
+    # 1 is preferred; ties are broken by id (see buffer_choice).
     priority: Mapped[int] = mapped_column(Integer, default=1)
 
     site: Mapped[Site] = relationship(back_populates="data_locations")

@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import Hosts
-from ccat_packaging.claiming import Endpoint
-from ccat_packaging.discovery import buffer_candidates, source_locations, unpackaged_groups
+from ccat_packaging.buffer_choice import primary_buffer
+from ccat_packaging.discovery import source_locations, unpackaged_groups
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.models import (
     DataLocation,
@@ -25,6 +26,7 @@ from ccat_packaging.models import (
     RawDataPackagePhysicalCopy,
     Status,
 )
+from ccat_packaging.plans import Endpoint
 from ccat_packaging.registration import reset_failed
 
 
@@ -84,7 +86,7 @@ def dry_run(session: Session, limit: int = 1000) -> list[DryRunLocation]:
     for ref in source_locations(session):
         location = session.get_one(DataLocation, ref.id)
         try:
-            buffer: str | None = buffer_candidates(session, location.site_id)[0].name
+            buffer: str | None = primary_buffer(session, location.site_id).name
             problem = None
         except ConfigurationError as exc:
             buffer, problem = None, str(exc)
@@ -185,12 +187,8 @@ def recorded_copies(session: Session, package: str) -> list[RecordedCopy]:
 def check_copy(hosts: Hosts, copy: RecordedCopy) -> CopyCheck:
     """Hash the copy again on the host that holds it (in-process when that is this machine,
     else over SSH): the archive's bytes never cross the network."""
-    result = hosts.runner_for(copy.location).run(
-        "checksum",
-        {
-            "root": copy.location.root,
-            "relative_path": copy.relative_path,
-            "algorithm": copy.algorithm,
-        },
+    spec = tar_agent.ChecksumSpec(
+        root=copy.location.root, relative_path=copy.relative_path, algorithm=copy.algorithm
     )
+    result = hosts.runner_for(copy.location).run("checksum", spec)
     return CopyCheck(copy, str(result["path"]), int(result["size"]), str(result["checksum"]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from ccat_packaging import settings
 from ccat_packaging.db import session_scope
 from ccat_packaging.models import (
     PhysicalCopyStatus,
@@ -34,6 +35,18 @@ from ccat_packaging.models import (
     RawDataPackagePhysicalCopy,
     Status,
 )
+
+
+def lease_owner(run_id: str, root_run_id: str | None) -> str:
+    """Who holds a package: the root run, so that Dagster's run retries and re-executions of a
+    run inherit its leases instead of waiting for them to go stale."""
+    return root_run_id or run_id
+
+
+def stale_cutoff() -> datetime:
+    """A lease whose heartbeat is older than this (``CCAT_STALE_AFTER_SECONDS``) has no live
+    holder any more: its run died."""
+    return datetime.now(UTC) - timedelta(seconds=settings.stale_after_seconds())
 
 
 def acquire_lease(session: Session, package_id: int, owner: str, stale_before: datetime) -> bool:
@@ -175,7 +188,7 @@ def heartbeat(engine: Engine, package_id: int, interval: float) -> Iterator[None
     """Touch ``updated_at`` every ``interval`` seconds while work on the package goes on.
 
     A package whose heartbeat stopped (its process was killed, its machine rebooted) is found
-    by ``discovery.stale_groups`` and taken up again by the location's sensor.
+    by ``discovery.packages_needing_a_run`` and taken up again by the location's sensor.
     """
     stop = threading.Event()
 

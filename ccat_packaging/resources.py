@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from ccat_packaging import settings
 from ccat_packaging.assembly.hosts import HostRunner, LocalRunner, is_same_host
 from ccat_packaging.assembly.ssh import SshHosts, SshSettings
-from ccat_packaging.claiming import Endpoint
 from ccat_packaging.db import make_engine, session_scope
+from ccat_packaging.plans import Endpoint
 
 
 class OpsDatabase(dg.ConfigurableResource):

@@ -2,28 +2,23 @@
 
 import contextlib
 import time
-from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
-from ccat_packaging import settings
+from ccat_packaging import names, settings
+from ccat_packaging.buffer_choice import buffer_candidates
 from ccat_packaging.db import unavailable
 from ccat_packaging.discovery import (
     SensorCursor,
     SourceLocationRef,
     packages_needing_a_run,
     plan_tick,
-    primary_buffer,
 )
 from ccat_packaging.errors import DatabaseUnavailableError
-from ccat_packaging.jobs import host_pool, partitions_name
 from ccat_packaging.models import DataLocation
+from ccat_packaging.registration import stale_cutoff
 from ccat_packaging.resources import OpsDatabase
-
-
-def sensor_name(location: SourceLocationRef) -> str:
-    return f"package_{location.slug}_sensor"
 
 
 def run_key(group_key: str, file_count: int, newest_filed_at: float) -> str:
@@ -54,10 +49,10 @@ def prepare_pool(instance: dg.DagsterInstance, pool: str) -> None:
 def build_source_location_sensor(
     location: SourceLocationRef, job: dg.JobDefinition
 ) -> dg.SensorDefinition:
-    partitions = dg.DynamicPartitionsDefinition(name=partitions_name(location.slug))
+    partitions = dg.DynamicPartitionsDefinition(name=names.partitions_name(location.slug))
 
     @dg.sensor(
-        name=sensor_name(location),
+        name=names.sensor_name(location.slug),
         job=job,
         minimum_interval_seconds=settings.sensor_interval_seconds(),
         description=(
@@ -77,7 +72,8 @@ def build_source_location_sensor(
                         "reload the code location to drop this sensor"
                     )
                 # Raises NoActiveBufferError: the tick fails visibly instead of skipping.
-                buffer = primary_buffer(session, row.site_id)
+                # Which buffer a package goes to is decided when it is assembled.
+                buffers = [b.name for b in buffer_candidates(session, row.site_id)]
                 tick = plan_tick(
                     session,
                     location.id,
@@ -86,12 +82,7 @@ def build_source_location_sensor(
                     limit=settings.sensor_max_requests(),
                     rescan_seconds=settings.sensor_rescan_seconds(),
                 )
-                stale = packages_needing_a_run(
-                    session,
-                    location.id,
-                    older_than=datetime.now(UTC)
-                    - timedelta(seconds=settings.stale_after_seconds()),
-                )
+                stale = packages_needing_a_run(session, location.id, older_than=stale_cutoff())
         except SQLAlchemyError as exc:
             # A failed tick, red in the UI, with one line instead of a driver traceback.
             down = unavailable(exc)
@@ -103,17 +94,17 @@ def build_source_location_sensor(
                 run_key=run_key(str(g.key), g.file_count, g.newest_filed_at.timestamp()),
                 partition_key=str(g.key),
                 tags={
-                    "ccat/source_location": location.name,
-                    "ccat/source_host": location.host,
-                    "ccat/buffer_location": buffer.name,
-                    "ccat/files": str(g.file_count),
-                    "ccat/bytes": str(g.total_bytes),
+                    names.SOURCE_LOCATION_TAG: location.name,
+                    names.SOURCE_HOST_TAG: location.host,
+                    names.FILES_TAG: str(g.file_count),
+                    names.BYTES_TAG: str(g.total_bytes),
                 },
             )
             for g in tick.groups
         ]
         # A package whose heartbeat stopped belongs to a run that died; a run of its group
-        # resumes it. The key changes whenever a run touches the package again.
+        # resumes it (failure_policy, path 3). The key changes whenever a run touches the
+        # package again.
         requested = [str(g.key) for g in tick.groups]
         for package in stale:
             if str(package.key) in requested:
@@ -125,9 +116,9 @@ def build_source_location_sensor(
                     f"{package.heartbeat_at.timestamp():.6f}",
                     partition_key=str(package.key),
                     tags={
-                        "ccat/source_location": location.name,
-                        "ccat/source_host": location.host,
-                        "ccat/resume_package_id": str(package.package_id),
+                        names.SOURCE_LOCATION_TAG: location.name,
+                        names.SOURCE_HOST_TAG: location.host,
+                        names.RESUME_PACKAGE_TAG: str(package.package_id),
                     },
                 )
             )
@@ -136,10 +127,10 @@ def build_source_location_sensor(
                 skip_reason=f"no new unpackaged files at {location.name!r}",
                 cursor=tick.cursor.serialize(),
             )
-        prepare_pool(context.instance, host_pool(location.host))
+        prepare_pool(context.instance, names.host_pool(location.host))
         context.log.info(
             f"{len(tick.groups)} group(s) to package and {len(stale)} stale package(s) to resume "
-            f"at {location.name!r} (buffer {buffer.name!r}"
+            f"at {location.name!r} (buffers by preference: {', '.join(buffers)}"
             f"{', full rescan' if tick.rescanned else ''})"
         )
         return dg.SensorResult(

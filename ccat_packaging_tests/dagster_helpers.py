@@ -6,7 +6,7 @@ import dagster as dg
 
 from ccat_packaging.definitions import defs
 from ccat_packaging.discovery import GroupKey
-from ccat_packaging.jobs import job_name, partitions_name
+from ccat_packaging.names import job_name, partitions_name
 from ccat_packaging.resources import OpsDatabase
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccat_packaging.claiming import Endpoint
+from ccat_packaging.plans import Endpoint
 from ccat_packaging.resources import AssemblyHosts
 
 SSHD = "/usr/sbin/sshd"

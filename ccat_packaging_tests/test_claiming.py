@@ -1,15 +1,24 @@
-"""One package per file, enforced by PostgreSQL while claimers truly race."""
+"""Claiming: one package per file, enforced by PostgreSQL while claimers truly race, and
+groups split into deterministic numbered parts."""
 
 from __future__ import annotations
 
+import tarfile
 import threading
 
+import dagster as dg
 from sqlalchemy import func, select
 
-from ccat_packaging.claiming import PackageLimits, claim_packages
+from ccat_packaging.claiming import PackageLimits, claim_packages, split_into_parts
 from ccat_packaging.db import make_engine, session_scope
 from ccat_packaging.discovery import GroupKey
 from ccat_packaging.models import LocationType, RawDataFile, RawDataPackage
+from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.package_checks import (
+    assert_completed_and_intact,
+    packages_of,
+    single_site,
+)
 
 
 def test_concurrent_claimers_never_share_or_lose_a_file(world) -> None:
@@ -53,3 +62,37 @@ def test_concurrent_claimers_never_share_or_lose_a_file(world) -> None:
     assert {members for _, members in plans} == {
         frozenset(f"eou{g.eou_id}/{i}.dat" for i in range(20)) for g in groups
     }
+
+
+def test_split_is_deterministic_and_respects_both_caps() -> None:
+    files = [(f"f{i:02d}", size) for i, size in enumerate([40, 30, 30, 100, 5, 5, 5, 5])]
+    limits = PackageLimits(max_bytes=70, max_files=3)
+    parts = split_into_parts(list(reversed(files)), limits)
+    assert parts == split_into_parts(files, limits)
+    assert [[n for n, _ in p] for p in parts] == [
+        ["f00", "f01"],
+        ["f02"],
+        ["f03"],  # larger than the cap on its own: a part of its own, never split
+        ["f04", "f05", "f06"],
+        ["f07"],
+    ]
+
+
+def test_a_group_over_the_cap_becomes_numbered_parts_in_one_run(world, monkeypatch) -> None:
+    monkeypatch.setenv("CCAT_PACKAGE_MAX_BYTES", str(25_000))
+    _, _, buf, group, key = single_site(world)
+    names = [f"d{i % 3}/f{i:02d}.dat" for i in range(10)]
+    for name in names:
+        world.file(group, name, size=10_000)
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, key).success
+    packages = packages_of(world)
+    assert [p.part for p in packages] == [1, 2, 3, 4, 5]
+    seen: list[str] = []
+    for package in packages:
+        assert_completed_and_intact(world, buf, package)
+        with tarfile.open(world.root(buf) / package.relative_path) as archive:
+            members = archive.getmembers()
+        assert sum(m.size for m in members) <= 25_000
+        seen += [m.name for m in members]
+    assert sorted(seen) == sorted(names) and len(seen) == len(set(seen))

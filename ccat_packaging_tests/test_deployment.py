@@ -11,9 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.run_request import InstigatorType
-from dagster._core.run_coordinator import QueuedRunCoordinator
-from dagster._core.scheduler.instigation import TickStatus
+from dagster._core.definitions.run_request import InstigatorType  # no public name (1.13)
+from dagster._core.scheduler.instigation import TickStatus  # no public name (1.13)
 
 from ccat_packaging.models import LocationType
 
@@ -45,7 +44,7 @@ def test_the_production_instance_is_postgres_with_queue_pools_monitoring_and_ret
     instance = production
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     assert instance.get_run_records(dg.RunsFilter(), limit=1) == []  # really connected
-    assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+    assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
     concurrency = instance.get_concurrency_config()
     assert concurrency.run_queue_config is not None
     assert concurrency.run_queue_config.max_concurrent_runs == 8

@@ -1,4 +1,4 @@
-"""Discovery rules as plain Python: group keys, buffer selection, the sensor's cursor."""
+"""Discovery rules as plain Python: group keys, source locations, the sensor's cursor."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from ccat_packaging.discovery import (
     SensorCursor,
     location_slug,
     plan_tick,
-    primary_buffer,
     source_locations,
 )
-from ccat_packaging.errors import ConfigurationError, NoActiveBufferError
-from ccat_packaging.models import DataLocation, LocationType, RawDataFile
+from ccat_packaging.errors import ConfigurationError
+from ccat_packaging.models import LocationType, RawDataFile
 
 SOURCE, BUFFER = LocationType.SOURCE, LocationType.BUFFER
 
@@ -34,28 +33,6 @@ def test_location_slug_is_a_valid_dagster_name() -> None:
     assert location_slug("primecam-raw data.1") == "primecam_raw_data_1"
     with pytest.raises(ConfigurationError):
         location_slug("---")
-
-
-def test_primary_buffer_is_lowest_priority_number_then_lowest_id(world) -> None:
-    site = world.site()
-    world.location(site, "b_prio2", BUFFER, priority=2)
-    first_p1 = world.location(site, "b_prio1_a", BUFFER, priority=1)
-    world.location(site, "b_prio1_b", BUFFER, priority=1)
-    world.location(site, "b_inactive_p0", BUFFER, priority=0, active=False)
-    other_site = world.site("cologne")
-    world.location(other_site, "cologne_b", BUFFER, priority=0)
-    with world.session() as s:
-        assert primary_buffer(s, site).id == first_p1
-        s.execute(update(DataLocation).where(DataLocation.id == first_p1).values(active=False))
-        assert primary_buffer(s, site).name == "b_prio1_b"
-
-
-def test_no_active_buffer_is_an_error_naming_the_site(world) -> None:
-    site = world.site()
-    world.location(site, "src", SOURCE)
-    world.location(site, "off", BUFFER, active=False)
-    with world.session() as s, pytest.raises(NoActiveBufferError, match="no active BUFFER"):
-        primary_buffer(s, site)
 
 
 def test_source_locations_refuse_colliding_sensor_names(world) -> None:

@@ -21,11 +21,14 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+from dagster._core.execution.backfill import (  # backfills have no public type (1.13)
+    BulkActionStatus,
+    PartitionBackfill,
+)
 from sqlalchemy import select
 
-from ccat_packaging.jobs import host_pool
 from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging.names import host_pool
 from ccat_packaging_tests.deployment import (
     LOCATION,
     REPO,

@@ -5,37 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-import pytest
 from sqlalchemy import update
 
-from ccat_packaging.jobs import launched_by_operator
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.registration import acquire_lease
 from ccat_packaging_tests.dagster_helpers import run_partition
 
 SENSOR_RUN = {"dagster/sensor_name": "package_src_sensor", "dagster/run_key": "k"}
-BACKFILL_RETRY = {
-    "dagster/backfill": "b",
-    "dagster/parent_run_id": "p",
-    "dagster/retry_number": "1",
-}
-
-
-@pytest.mark.parametrize(
-    ("tags", "operator"),
-    [
-        (SENSOR_RUN, False),
-        ({**SENSOR_RUN, "dagster/parent_run_id": "p", "dagster/retry_number": "1"}, False),
-        ({**SENSOR_RUN, "dagster/parent_run_id": "p"}, True),  # re-executed from the UI
-        ({"dagster/backfill": "b", "dagster/partition": "k"}, True),
-        (BACKFILL_RETRY, True),
-        ({}, True),  # the launchpad
-    ],
-)
-def test_operator_launched_runs_are_told_apart_from_sensor_runs(
-    tags: dict[str, str], operator: bool
-) -> None:
-    assert launched_by_operator(tags) is operator
 
 
 def _failed_package(world):

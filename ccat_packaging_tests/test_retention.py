@@ -6,13 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-from dagster._core.storage.runs.schema import RunsTable
+from dagster._core.storage.runs.schema import RunsTable  # only way to back-date a run
 from sqlalchemy import select, update
 
 from ccat_packaging.definitions import defs
 from ccat_packaging.discovery import GroupKey
-from ccat_packaging.jobs import partitions_name
 from ccat_packaging.models import LocationType, RawDataPackage
+from ccat_packaging.names import partitions_name
 from ccat_packaging.retention import retirable_groups
 from ccat_packaging_tests.dagster_helpers import run_partition
 

@@ -8,6 +8,7 @@ import pytest
 
 from ccat_packaging.errors import DatabaseUnavailableError, NoActiveBufferError
 from ccat_packaging.models import LocationType
+from ccat_packaging.names import BUFFER_LOCATION_TAG
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
 
@@ -35,8 +36,15 @@ def test_one_request_per_group_with_partition_keys_and_partitions(world) -> None
     added = result.dynamic_partitions_requests[0]
     assert isinstance(added, dg.AddDynamicPartitionsRequest)
     assert list(added.partition_keys) == keys
-    assert {r.tags["ccat/buffer_location"] for r in result.run_requests or []} == {"buf"}
     assert {r.tags["ccat/files"] for r in result.run_requests or []} == {"2"}
+    # The buffer is chosen when the package is assembled: the run names the one it went to.
+    assert all(BUFFER_LOCATION_TAG not in r.tags for r in result.run_requests or [])
+    with dg.instance_for_test() as instance:
+        request = (result.run_requests or [])[0]
+        run = run_partition(instance, str(request.partition_key), tags=dict(request.tags))
+        assert run.success
+        record = instance.get_run_by_id(run.run_id)
+        assert record is not None and {record.tags[BUFFER_LOCATION_TAG]} == {"buf"}
 
 
 def test_nothing_is_requested_for_packaged_files_and_late_files_get_a_new_run_key(world) -> None:

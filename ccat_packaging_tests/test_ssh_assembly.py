@@ -24,7 +24,6 @@ import pytest
 from ccat_packaging.assembly import archive
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.assembly.hosts import is_same_host
-from ccat_packaging.claiming import Endpoint, PackagePlan
 from ccat_packaging.errors import (
     AuthenticationFailedError,
     CommandTimeoutError,
@@ -37,6 +36,7 @@ from ccat_packaging.errors import (
     SourceFileError,
     UnsafePathError,
 )
+from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts
 from ccat_packaging_tests.sshd import SshLab, SshServer, free_port, keygen, running_sshd
 
@@ -112,12 +112,15 @@ def local(root: Path, name: str = "local", location_id: int = 10) -> Endpoint:
 
 def plan_for(
     source: Endpoint, buffer: Endpoint, members: tuple[tuple[str, int], ...]
-) -> PackagePlan:
-    return PackagePlan(1, "pkg", "grp", 1, "site/eou1/pkg.tar", source, buffer, members)
+) -> tuple[PackagePlan, Endpoint]:
+    """A plan and the buffer to assemble it into."""
+    return PackagePlan(1, "pkg", "grp", 1, "site/eou1/pkg.tar", source, 1, members), buffer
 
 
-def package(hosts: AssemblyHosts, plan: PackagePlan) -> tuple[AssembledArchive, Path]:
-    built = archive.assemble(hosts, plan)
+def package(
+    hosts: AssemblyHosts, plan: PackagePlan, dest: Endpoint
+) -> tuple[AssembledArchive, Path]:
+    built = archive.assemble(hosts, plan, dest)
     archive.verify(hosts, plan, built)
     return built, Path(archive.publish(hosts, plan, built))
 
@@ -175,8 +178,8 @@ def hosts(make_hosts: MakeHosts) -> AssemblyHosts:
 def reference(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The corpus packaged locally, without SSH: what every other way must reproduce."""
     buffer = tmp_path_factory.mktemp("reference_buffer")
-    plan = plan_for(local(corpus.root, "src"), local(buffer, "buf"), corpus.members)
-    _, path = package(AssemblyHosts(), plan)
+    plan, dest = plan_for(local(corpus.root, "src"), local(buffer, "buf"), corpus.members)
+    _, path = package(AssemblyHosts(), plan, dest)
     return path.read_bytes()
 
 
@@ -213,9 +216,9 @@ def test_archive_is_byte_identical_to_the_local_one_and_nothing_is_executed(
 
     (tmp_path / "buffer").mkdir()
     source = endpoint(source_at, corpus.root, "src")
-    plan = plan_for(source, endpoint(buffer_at, tmp_path / "buffer", "buf"), corpus.members)
+    plan, dest = plan_for(source, endpoint(buffer_at, tmp_path / "buffer", "buf"), corpus.members)
 
-    built, path = package(hosts, plan)
+    built, path = package(hosts, plan, dest)
 
     assert path.read_bytes() == reference
     assert built.checksum == hashlib.sha256(reference).hexdigest()
@@ -233,7 +236,7 @@ def test_archive_is_byte_identical_to_the_local_one_and_nothing_is_executed(
     for place in (corpus.root, tmp_path, Path.home(), Path.cwd(), Path("/tmp")):
         assert list(place.glob("PWNED*")) == [], place
 
-    again = archive.assemble(hosts, plan)  # re-running gives the same bytes
+    again = archive.assemble(hosts, plan, dest)  # re-running gives the same bytes
     assert again.checksum == built.checksum
     archive.discard(hosts, again)
 
@@ -244,11 +247,11 @@ def test_paths_escaping_their_root_are_refused_before_any_host_is_contacted(
 ) -> None:
     # A key file that does not exist: contacting the host would fail with another error.
     hosts = make_hosts(key_filename=str(tmp_path / "no-such-key"))
-    plan = plan_for(
+    plan, dest = plan_for(
         ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.b.endpoint(tmp_path, "buf"), ((bad, 1),)
     )
     with pytest.raises(UnsafePathError, match=r"location 'src' on 127\.0\.0\.2") as info:
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)
     assert not info.value.retryable
     assert leftovers(tmp_path) == []
 
@@ -263,13 +266,13 @@ def test_symlinks_leading_out_of_the_root_are_refused_on_the_remote_host(
     (outside / "secret.key").write_bytes(b"secret")
     (source / "dirlink").symlink_to(outside)
     (source / "filelink.dat").symlink_to(outside / "secret.key")
-    plan = plan_for(
+    plan, dest = plan_for(
         ssh_lab.a.endpoint(source, "src"), ssh_lab.a.endpoint(buffer, "buf"), ((name, 6),)
     )
     with pytest.raises(
         UnsafePathError, match=rf"location 'src' on root@127\.0\.0\.2:\d+: .*{name}"
     ):
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)
     assert leftovers(buffer) == []
 
 
@@ -287,11 +290,13 @@ def test_missing_or_changed_source_file_is_a_clear_permanent_error(
         (source / "obs" / "bad file.dat").write_bytes(b"123456")
     members = (("obs/bad file.dat", 5), ("ok.dat", 4))
     server = ssh_lab.a if buffer_at == "a" else ssh_lab.b
-    plan = plan_for(ssh_lab.a.endpoint(source, "src"), server.endpoint(buffer, "buf"), members)
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(source, "src"), server.endpoint(buffer, "buf"), members
+    )
     with pytest.raises(
         SourceFileError, match=r"location 'src' on .*127\.0\.0\.2.*'obs/bad file\.dat'"
     ):
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)
     assert eventually(lambda: leftovers(buffer) == [])
 
 
@@ -301,11 +306,13 @@ def test_unknown_host_key_is_refused(
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(ssh_lab.b.known_hosts_line + "\n")  # a's key is not there
     hosts = make_hosts(known_hosts=str(known_hosts))
-    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ()
+    )
     with pytest.raises(
         HostKeyError, match=r"127\.0\.0\.2\]:\d+ offered ssh-ed25519 SHA256:.* not in"
     ) as info:
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)
     assert not info.value.retryable
 
 
@@ -315,11 +322,13 @@ def test_changed_host_key_is_refused_even_when_trusting_new_hosts(
     other_key = keygen(tmp_path / "impostor")
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[{ssh_lab.a.address}]:{ssh_lab.a.port} {other_key}\n")
-    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ()
+    )
     for trust in (False, True):
         hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=trust)
         with pytest.raises(HostKeyError, match="but the known hosts file has") as info:
-            archive.assemble(hosts, plan)
+            archive.assemble(hosts, plan, dest)
         assert not info.value.retryable
 
 
@@ -329,18 +338,18 @@ def test_trusting_unknown_hosts_is_an_opt_in_that_records_the_key(
     known_hosts = tmp_path / "known_hosts"
     (tmp_path / "buf").mkdir()
     write_tree(tmp_path / "src", {"a.dat": b"abc"})
-    plan = plan_for(
+    plan, dest = plan_for(
         ssh_lab.a.endpoint(tmp_path / "src", "src"),
         ssh_lab.a.endpoint(tmp_path / "buf", "buf"),
         (("a.dat", 3),),
     )
     with pytest.raises(ConfigurationError, match="does not exist"):
-        archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan)
+        archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan, dest)
     hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=True)
-    archive.assemble(hosts, plan)
+    archive.assemble(hosts, plan, dest)
     hosts.close()
     assert ssh_lab.a.host_public_key.split()[1] in known_hosts.read_text()
-    archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan)  # now a known host
+    archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan, dest)  # now a known host
 
 
 def test_a_key_the_host_does_not_accept_is_an_authentication_error(
@@ -348,9 +357,11 @@ def test_a_key_the_host_does_not_accept_is_an_authentication_error(
 ) -> None:
     keygen(tmp_path / "stranger")
     hosts = make_hosts(key_filename=str(tmp_path / "stranger"))
-    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ()
+    )
     with pytest.raises(AuthenticationFailedError, match="root could not log in") as info:
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)
     assert not info.value.retryable
 
 
@@ -360,7 +371,7 @@ def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: 
         (tmp_path / "known_hosts").write_text(server.known_hosts_line + "\n")
         write_tree(tmp_path / "src", {"a.dat": b"abc"})
         (tmp_path / "buf").mkdir()
-        plan = plan_for(
+        plan, dest = plan_for(
             server.endpoint(tmp_path / "src", "src"),
             server.endpoint(tmp_path / "buf", "buf"),
             (("a.dat", 3),),
@@ -374,9 +385,9 @@ def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: 
             try:
                 if passphrase == "wrong":
                     with pytest.raises(ConfigurationError, match="cannot load the SSH key"):
-                        archive.assemble(hosts, plan)
+                        archive.assemble(hosts, plan, dest)
                 else:
-                    archive.assemble(hosts, plan)
+                    archive.assemble(hosts, plan, dest)
             finally:
                 hosts.close()
 
@@ -386,7 +397,7 @@ def test_an_unreachable_host_is_retryable(
 ) -> None:
     closed = Endpoint(1, "src", "127.0.0.4", "root", free_port("127.0.0.4"), str(tmp_path))
     with pytest.raises(HostUnreachableError, match=r"location 'src' on root@127\.0\.0\.4") as info:
-        archive.assemble(make_hosts(), plan_for(closed, closed, ()))
+        archive.assemble(make_hosts(), *plan_for(closed, closed, ()))
     assert info.value.retryable
 
 
@@ -407,7 +418,7 @@ def test_not_enough_space_at_the_buffer_is_a_clear_error(
     write_tree(tmp_path / "src", {"big.dat": os.urandom(3 << 20)})
     server = ssh_lab.a if buffer_at == "a" else ssh_lab.b
     with tmpfs(tmp_path / "small_disk", "2m") as small_disk:
-        plan = plan_for(
+        plan, dest = plan_for(
             ssh_lab.a.endpoint(tmp_path / "src", "src"),
             server.endpoint(small_disk, "small_buffer"),
             (("big.dat", 3 << 20),),
@@ -415,7 +426,7 @@ def test_not_enough_space_at_the_buffer_is_a_clear_error(
         with pytest.raises(
             InsufficientSpaceError, match=r"not enough space in .*small_disk"
         ) as info:
-            archive.assemble(hosts, plan)
+            archive.assemble(hosts, plan, dest)
         assert "location 'small_buffer'" in str(info.value)
         assert not info.value.retryable
         assert eventually(lambda: leftovers(small_disk) == [])
@@ -466,7 +477,7 @@ def test_sshd_crash_mid_assembly_is_retryable_and_leaves_nothing_running_or_writ
         def endpoint(at: str, root: Path, name: str) -> Endpoint:
             return local(root, name) if at == "local" else crashed.endpoint(root, name)
 
-        plan = plan_for(
+        plan, dest = plan_for(
             endpoint(source_at, tmp_path / "src", "src"),
             endpoint(buffer_at, buffer, "buf"),
             members,
@@ -475,7 +486,7 @@ def test_sshd_crash_mid_assembly_is_retryable_and_leaves_nothing_running_or_writ
 
         def assemble() -> None:
             try:
-                outcome.append(archive.assemble(crashable.hosts, plan))
+                outcome.append(archive.assemble(crashable.hosts, plan, dest))
             except BaseException as exc:
                 outcome.append(exc)
 
@@ -501,11 +512,11 @@ def test_a_command_timeout_stops_the_remote_agent(
     members = sparse_tree(tmp_path / "src", files=8, size=1 << 30)
     hosts = make_hosts(command_timeout=1)
     with tmpfs(tmp_path / "buffer", "9g") as buffer:
-        plan = plan_for(
+        plan, dest = plan_for(
             ssh_lab.a.endpoint(tmp_path / "src", "src"), ssh_lab.a.endpoint(buffer, "buf"), members
         )
         with pytest.raises(CommandTimeoutError, match="silent for 1 s") as info:
-            archive.assemble(hosts, plan)
+            archive.assemble(hosts, plan, dest)
         assert info.value.retryable
         assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
         assert eventually(lambda: remote_agents() == []), remote_agents()
@@ -525,13 +536,13 @@ def test_one_connection_per_host_is_reused_across_steps(
         return sum(1 for line in listing.stdout.splitlines() if mine in line)
 
     before = connections()
-    plan = plan_for(
+    plan, dest = plan_for(
         ssh_lab.a.endpoint(corpus.root, "src"), ssh_lab.b.endpoint(tmp_path, "buf"), corpus.members
     )
-    built = archive.assemble(hosts, plan)
+    built = archive.assemble(hosts, plan, dest)
     archive.verify(hosts, plan, built)
     archive.discard(hosts, built)
-    archive.assemble(hosts, plan)
+    archive.assemble(hosts, plan, dest)
     assert connections() - before == 2
     hosts.close()
     assert eventually(lambda: connections() == before)
@@ -541,20 +552,22 @@ def test_a_missing_key_file_is_a_configuration_error(
     make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
 ) -> None:
     hosts = make_hosts(key_filename=str(tmp_path / "missing"))
-    plan = plan_for(ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ())
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(tmp_path, "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ()
+    )
     with pytest.raises(
         ConfigurationError, match=r"cannot load the SSH key file .*FileNotFoundError"
     ):
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)
 
 
 def test_errors_name_location_and_host(
     ssh_lab: SshLab, hosts: AssemblyHosts, tmp_path: Path
 ) -> None:
-    plan = plan_for(
+    plan, dest = plan_for(
         ssh_lab.a.endpoint(tmp_path / "nowhere", "src"), ssh_lab.a.endpoint(tmp_path, "buf"), ()
     )
     with pytest.raises(
         PackagingError, match=r"location 'src' on root@127\.0\.0\.2:\d+: source root"
     ):
-        archive.assemble(hosts, plan)
+        archive.assemble(hosts, plan, dest)

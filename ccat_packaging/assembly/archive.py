@@ -17,8 +17,8 @@ from typing import Any
 
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
-from ccat_packaging.claiming import Endpoint, PackagePlan
 from ccat_packaging.errors import ArchiveVerificationError, InsufficientSpaceError, PackagingError
+from ccat_packaging.plans import Endpoint, PackagePlan
 
 PUMP_BLOCK = 1 << 20
 
@@ -41,26 +41,25 @@ class AssembledArchive:
     buffer: Endpoint
 
 
-def assemble(hosts: Hosts, plan: PackagePlan) -> AssembledArchive:
+def assemble(hosts: Hosts, plan: PackagePlan, buffer: Endpoint) -> AssembledArchive:
+    """The package's archive under its temporary name at ``buffer``, fsynced and checksummed."""
     members = _checked_members(plan)
     source = hosts.runner_for(plan.source)
-    buffer = hosts.runner_for(plan.buffer)
-    if source.machine == buffer.machine:
+    receiver = hosts.runner_for(buffer)
+    if source.machine == receiver.machine:
         try:
-            result = source.run(
-                "build",
-                {
-                    "source_root": plan.source.root,
-                    "members": members,
-                    "dest_root": plan.buffer.root,
-                    "dest_relative": plan.relative_path,
-                    "checksums": plan.checksum_spec(),
-                },
+            spec = tar_agent.BuildSpec(
+                source_root=plan.source.root,
+                members=members,
+                dest_root=buffer.root,
+                dest_relative=plan.relative_path,
+                checksums=plan.checksum_spec(),
             )
+            result = source.run("build", spec)
         except InsufficientSpaceError as exc:  # say which location is full, not only the source
-            raise InsufficientSpaceError(f"{exc} (buffer {describe(plan.buffer)})") from None
+            raise InsufficientSpaceError(f"{exc} (buffer {describe(buffer)})") from None
     else:
-        result = _stream(source, buffer, plan, members)
+        result = _stream(source, receiver, buffer, plan, members)
     return AssembledArchive(
         temp_path=result["temp_path"],
         size=int(result["size"]),
@@ -69,7 +68,7 @@ def assemble(hosts: Hosts, plan: PackagePlan) -> AssembledArchive:
         host=source.host,
         via_ssh=source.via_ssh,
         seconds=float(result["seconds"]),
-        buffer=plan.buffer,
+        buffer=buffer,
     )
 
 
@@ -84,7 +83,11 @@ def _checked_members(plan: PackagePlan) -> list[list[Any]]:
 
 
 def _stream(
-    source: HostRunner, buffer: HostRunner, plan: PackagePlan, members: list[list[Any]]
+    source: HostRunner,
+    destination: HostRunner,
+    buffer: Endpoint,
+    plan: PackagePlan,
+    members: list[list[Any]],
 ) -> dict[str, Any]:
     """Build on the source's host, write on the buffer's host, the bytes passing through here.
 
@@ -93,18 +96,16 @@ def _stream(
     """
     started = time.monotonic()
     need = tar_agent.predicted_size([(path, size) for path, size in members])
-    receiver = buffer.start(
+    receiver = destination.start(
         "receive",
-        {"dest_root": plan.buffer.root, "dest_relative": plan.relative_path, "size": need},
+        tar_agent.ReceiveSpec(dest_root=buffer.root, dest_relative=plan.relative_path, size=need),
     )
     try:
         sender = source.start(
             "send",
-            {
-                "source_root": plan.source.root,
-                "members": members,
-                "checksums": plan.checksum_spec(),
-            },
+            tar_agent.SendSpec(
+                source_root=plan.source.root, members=members, checksums=plan.checksum_spec()
+            ),
         )
     except BaseException:
         receiver.abort()
@@ -121,7 +122,7 @@ def _stream(
         raise
     if received["checksum"] != sent["checksum"] or received["size"] != sent["size"]:
         raise ArchiveVerificationError(  # the receiver checks this too; a second look is cheap
-            f"{describe(plan.buffer)}: received {received['size']} bytes with checksum "
+            f"{describe(buffer)}: received {received['size']} bytes with checksum "
             f"{received['checksum']}, sent {sent['size']} with {sent['checksum']}"
         )
     return {**received, "seconds": time.monotonic() - started}
@@ -147,22 +148,21 @@ def _pump(sender: AgentProcess, receiver: AgentProcess, need: int) -> None:
 
 def verify(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> None:
     """Size and member headers against the plan; the data is not read a second time."""
-    hosts.runner_for(archive.buffer).run(
-        "verify", {"path": archive.temp_path, "members": [list(m) for m in plan.members]}
-    )
+    spec = tar_agent.VerifySpec(path=archive.temp_path, members=[list(m) for m in plan.members])
+    hosts.runner_for(archive.buffer).run("verify", spec)
 
 
 def publish(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> str:
-    result = hosts.runner_for(archive.buffer).run(
-        "publish",
-        {
-            "temp_path": archive.temp_path,
-            "dest_root": plan.buffer.root,
-            "dest_relative": plan.relative_path,
-        },
+    spec = tar_agent.PublishSpec(
+        temp_path=archive.temp_path,
+        dest_root=archive.buffer.root,
+        dest_relative=plan.relative_path,
     )
+    result = hosts.runner_for(archive.buffer).run("publish", spec)
     return str(result["path"])
 
 
 def discard(hosts: Hosts, archive: AssembledArchive) -> None:
-    hosts.runner_for(archive.buffer).run("discard", {"temp_path": archive.temp_path})
+    hosts.runner_for(archive.buffer).run(
+        "discard", tar_agent.DiscardSpec(temp_path=archive.temp_path)
+    )

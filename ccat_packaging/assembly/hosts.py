@@ -16,10 +16,10 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ccat_packaging.assembly import tar_agent
-from ccat_packaging.claiming import Endpoint
 from ccat_packaging.errors import (
     ArchiveVerificationError,
     ConfigurationError,
@@ -30,6 +30,7 @@ from ccat_packaging.errors import (
     SourceNotReadyError,
     UnsafePathError,
 )
+from ccat_packaging.plans import Endpoint
 
 _AGENT_ERRORS: dict[str, type[PackagingError]] = {
     "unsafe_path": UnsafePathError,
@@ -88,9 +89,9 @@ class HostRunner(Hosts, Protocol):
     machine: str
     via_ssh: bool
 
-    def run(self, command: str, spec: dict[str, Any]) -> dict[str, Any]: ...
+    def run(self, command: str, spec: Mapping[str, Any]) -> dict[str, Any]: ...
 
-    def start(self, command: str, spec: dict[str, Any]) -> AgentProcess: ...
+    def start(self, command: str, spec: Mapping[str, Any]) -> AgentProcess: ...
 
 
 class LocalRunner:
@@ -117,50 +118,52 @@ class LocalRunner:
             f"{describe(endpoint)} is not this machine, and no SSH access is configured"
         )
 
-    def run(self, command: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def run(self, command: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         try:
             return tar_agent.run_command(command, spec)
         except tar_agent.AgentError as exc:
             raise agent_error(exc.kind, exc.message, self._where) from None
 
-    def start(self, command: str, spec: dict[str, Any]) -> AgentProcess:
+    def start(self, command: str, spec: Mapping[str, Any]) -> AgentProcess:
         return _LocalProcess(command, spec, self._where)
 
 
 class _LocalProcess:
-    """``send`` or ``receive`` on a thread of this process, the archive through a pipe."""
+    """``send`` or ``receive`` on a thread of this process, the archive through a pipe; the
+    agent's command table says which end of the pipe the command writes or reads."""
 
-    def __init__(self, command: str, spec: dict[str, Any], where: str) -> None:
+    def __init__(self, command: str, spec: Mapping[str, Any], where: str) -> None:
+        entry = tar_agent.COMMANDS.get(command)
+        if entry is None or entry.stream is None:
+            raise ValueError(f"{command!r} does not stream")
         self._where = where
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
         read_end, write_end = os.pipe()
         with contextlib.suppress(OSError):  # a larger pipe means fewer wake-ups
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
-        if command == "send":
+        if entry.stream == "out":
             self._ours = read_end
-            target = functools.partial(self._send, spec, write_end)
-        elif command == "receive":
-            self._ours = write_end
-            target = functools.partial(self._receive, spec, read_end)
+            target = functools.partial(self._write_archive, entry.handler, spec, write_end)
         else:
-            raise ValueError(f"{command!r} does not stream")
+            self._ours = write_end
+            target = functools.partial(self._read_archive, entry.handler, spec, read_end)
         self._open = True
         self._thread = threading.Thread(target=target, name=f"agent-{command}", daemon=True)
         self._thread.start()
 
-    def _send(self, spec: dict[str, Any], fd: int) -> None:
+    def _write_archive(self, handler: Callable[..., Any], spec: Mapping[str, Any], fd: int) -> None:
         try:
-            self._result = tar_agent.send(spec, fd)
+            self._result = handler(spec, fd)
         except BaseException as exc:
             self._error = exc
         finally:
             os.close(fd)  # the reader sees the end of the archive (or of a failed one)
 
-    def _receive(self, spec: dict[str, Any], fd: int) -> None:
+    def _read_archive(self, handler: Callable[..., Any], spec: Mapping[str, Any], fd: int) -> None:
         with open(fd, "rb") as stream:  # closing it tells a writer that nobody reads any more
             try:
-                self._result = tar_agent.receive(spec, stream)
+                self._result = handler(spec, stream)
             except BaseException as exc:
                 self._error = exc
 

@@ -24,6 +24,7 @@ import os
 import posixpath
 import shlex
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ from fabric import Config, Connection
 
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
-from ccat_packaging.claiming import Endpoint
 from ccat_packaging.errors import (
     AuthenticationFailedError,
     CommandTimeoutError,
@@ -43,6 +43,7 @@ from ccat_packaging.errors import (
     HostUnreachableError,
     PackagingError,
 )
+from ccat_packaging.plans import Endpoint
 
 _CTR_CIPHERS = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
 
@@ -124,10 +125,10 @@ class SshRunner:
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
         return self._hosts.runner_for(endpoint)
 
-    def run(self, command: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def run(self, command: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         return self.start(command, spec).wait()
 
-    def start(self, command: str, spec: dict[str, Any]) -> AgentProcess:
+    def start(self, command: str, spec: Mapping[str, Any]) -> AgentProcess:
         channel = self._session.start_agent(command, self._where)
         process = _ChannelProcess(channel, command, self._where, self._session.settings)
         process.write(json.dumps(spec).encode("ascii") + b"\n")

@@ -16,6 +16,11 @@ Throughput (docs/performance.md): one pass over the data; reading, hashing and w
 on threads; the next files are opened and requested from the disk ahead of their turn; and
 neither the files read nor the archive written stay in the page cache, so the kernel reuses a
 few pages instead of filling memory (which on some virtual machines costs more than the disk).
+
+Remote hosts may have no more than Python 3.8, and run this file as ``python3 -I -S``: hence
+no imports beyond the standard library and no newer syntax outside annotations. The file reads
+top-down: constants, the JSON types of each command's spec and result, the commands, the
+command table and ``main``, then the machinery the commands share.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, TypedDict
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # 20 blocks
@@ -56,6 +61,16 @@ READ_AHEAD_BYTES = 32 << 20
 CACHE_STEP = 32 << 20
 CACHE_LAG = 4 * CACHE_STEP
 DIRECTORY_FDS = 64
+# ``checksum`` reads a whole archive once, sequentially: large blocks mean few system calls.
+HASH_BLOCK = 8 << 20
+# How long a command stopped because its caller went away may take to clean up before the
+# process exits anyway.
+STOP_GRACE_SECONDS = 30
+
+
+# The JSON boundary. A spec is what ``json.loads`` makes of the caller's request (arrays are
+# lists), a result is what the caller gets back as JSON; a key of a ``total=False`` class may
+# be left out.
 
 
 class AgentError(Exception):
@@ -66,6 +81,93 @@ class AgentError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+class _FiledChecksums(TypedDict, total=False):
+    checksums: dict[str, list[str]]  # {relative_path: [algorithm, filed checksum]}
+
+
+class SendSpec(_FiledChecksums):
+    """The files of a package; each must have its filed size and, where one is given, its
+    filed checksum, else nothing counts."""
+
+    source_root: str
+    members: list[list[Any]]  # [[relative_path, filed_size], ...] in archive order
+
+
+class _Destination(TypedDict):
+    dest_root: str  # a location root, which must exist already
+    dest_relative: str  # the archive's final path under it
+
+
+class BuildSpec(SendSpec, _Destination):
+    """The files of a package and where their archive goes."""
+
+
+class ReceiveSpec(_Destination):
+    size: int  # the predicted archive size; the sender's checksum line follows that many bytes
+
+
+class VerifySpec(TypedDict):
+    path: str
+    members: list[list[Any]]  # [[relative_path, size], ...] in archive order
+
+
+class PublishSpec(_Destination):
+    temp_path: str  # as returned by build or receive
+
+
+class DiscardSpec(TypedDict):
+    temp_path: str
+
+
+class _ChecksumOptions(TypedDict, total=False):
+    algorithm: str | None  # a hashlib name; left out, null or empty means ALGORITHM
+
+
+class ChecksumSpec(_ChecksumOptions):
+    root: str
+    relative_path: str
+
+
+class SendResult(TypedDict):
+    size: int
+    checksum: str  # hex digest of the archive's bytes
+    algorithm: str  # always ALGORITHM
+    members: int
+    seconds: float
+
+
+class BuildResult(SendResult):
+    temp_path: str  # the archive, not yet under its final name
+
+
+class ReceiveResult(TypedDict):
+    temp_path: str
+    size: int
+    checksum: str
+    algorithm: str
+    seconds: float
+
+
+class VerifyResult(TypedDict):
+    size: int
+    members: int
+
+
+class PublishResult(TypedDict):
+    path: str
+
+
+class DiscardResult(TypedDict):
+    removed: bool  # False if it was gone already
+
+
+class ChecksumResult(TypedDict):
+    path: str
+    size: int
+    algorithm: str
+    checksum: str
 
 
 def check_relative_path(path: str) -> str:
@@ -82,36 +184,260 @@ def check_relative_path(path: str) -> str:
     return path
 
 
-def _encoded(name: str) -> bytes:
-    return name.encode("utf-8", "surrogateescape")
-
-
-def _header_size(name: str) -> int:
-    raw = len(_encoded(name))
-    if raw > tarfile.LENGTH_NAME:  # GNU ././@LongLink header plus the name and its NUL
-        return 2 * BLOCK + (raw + 1 + BLOCK - 1) // BLOCK * BLOCK
-    return BLOCK
-
-
-def _padded(size: int) -> int:
-    return (size + BLOCK - 1) // BLOCK * BLOCK
-
-
 def predicted_size(members: list[tuple[str, int]]) -> int:
     """The exact archive size for members (name, size), as this module writes it."""
     total = sum(_header_size(name) + _padded(size) for name, size in members) + 2 * BLOCK
     return (total + RECORD - 1) // RECORD * RECORD
 
 
-def _header(name: str, st: os.stat_result) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = st.st_size
-    info.mtime = int(st.st_mtime)
-    info.mode = stat.S_IMODE(st.st_mode)
-    info.uid, info.gid = st.st_uid, st.st_gid
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape")
+# The commands. Each is called with its spec (and, if COMMANDS says it streams, the stream)
+# and returns its result.
+
+
+def build(spec: BuildSpec) -> BuildResult:
+    """Write the archive (``BuildSpec``) under a temporary name next to its final name,
+    fsynced, so that ``publish`` can give it that name atomically once it is verified; the
+    ``BuildResult`` has its size and checksum. Nothing is left behind on failure."""
+    started = time.monotonic()
+    root_real, members = _source(spec)
+    need = predicted_size(members)
+    with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
+        result = _write_predicted(fd, spec, root_real, members, need, started)
+    return {"temp_path": temp_path, **result}
+
+
+def send(spec: SendSpec, out_fd: int) -> SendResult:
+    """Write the archive (``SendSpec``) to ``out_fd`` instead of a file, for a buffer on
+    another host: the caller passes the bytes to ``receive`` there, and then the checksum of
+    the ``SendResult``. Same bytes as ``build``."""
+    started = time.monotonic()
+    root_real, members = _source(spec)
+    return _write_predicted(out_fd, spec, root_real, members, predicted_size(members), started)
+
+
+def receive(spec: ReceiveSpec, stream: io.BufferedReader) -> ReceiveResult:
+    """Write an archive arriving on ``stream`` under a temporary name, hashing it on the way,
+    like ``build`` does, for the same ``publish`` (``ReceiveSpec``, ``ReceiveResult``). After
+    exactly ``size`` bytes the stream carries one line, the sender's checksum: it must equal
+    the checksum of what arrived, else nothing is kept."""
+    started = time.monotonic()
+    need = int(spec["size"])
+    with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
+        pipe = _Pipeline(fd)
+        try:
+            short = AgentError("io", f"the archive stream ended before its {need} bytes arrived")
+            pipe.copy_from(stream.readinto, need, short)
+            pipe.finish()
+        except BaseException:
+            pipe.close()
+            raise
+        digest = pipe.digest.hexdigest()
+        sent = stream.readline(256).strip().decode("ascii", "replace")
+        if sent != digest:
+            raise AgentError(
+                "verification",
+                f"received {need} bytes with sha256 {digest}, but the sender's checksum was "
+                f"{sent or 'never sent'}",
+            )
+    return {
+        "temp_path": temp_path,
+        "size": need,
+        "checksum": digest,
+        "algorithm": ALGORITHM,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def verify(spec: VerifySpec) -> VerifyResult:
+    """Check a written archive before it is published, without re-reading its data: exact
+    size, then member headers (``VerifySpec``, ``VerifyResult``)."""
+    path = spec["path"]
+    expected = [(p, int(s)) for p, s in spec["members"]]
+    need = predicted_size(expected)
+    actual_size = os.stat(path).st_size
+    if actual_size != need:
+        raise AgentError(
+            "verification", f"{path} has {actual_size} bytes, {need} expected (truncated?)"
+        )
+    # Unbuffered, so that reading a header reads nothing but the header's pages.
+    with open(path, "rb", buffering=0) as handle:
+        _prefetch_headers(handle.fileno(), expected)
+        with tarfile.open(
+            fileobj=handle, mode="r:", encoding="utf-8", errors="surrogateescape"
+        ) as archive:
+            found = [(m.name, m.size) for m in archive]
+    if found != expected:
+        missing = [m for m in expected if m not in found][:3]
+        extra = [m for m in found if m not in expected][:3]
+        raise AgentError(
+            "verification",
+            f"{path} members differ from the package's files: missing {missing}, extra {extra}",
+        )
+    return {"size": actual_size, "members": len(found)}
+
+
+def publish(spec: PublishSpec) -> PublishResult:
+    """Give a verified temporary archive its final name (``PublishSpec``, ``PublishResult``);
+    rename(2) is atomic, then the directory entry is fsynced so a crash cannot lose it."""
+    final = os.path.join(spec["dest_root"], check_relative_path(spec["dest_relative"]))
+    os.rename(spec["temp_path"], final)
+    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return {"path": final}
+
+
+def discard(spec: DiscardSpec) -> DiscardResult:
+    """Remove a temporary archive that will not be published (``DiscardSpec``,
+    ``DiscardResult``); one that is gone already is no error, so a retry is harmless."""
+    try:
+        os.unlink(spec["temp_path"])
+    except FileNotFoundError:
+        return {"removed": False}
+    return {"removed": True}
+
+
+def checksum(spec: ChecksumSpec) -> ChecksumResult:
+    """Hash a published archive again, for an operator checking it at rest (``ChecksumSpec``,
+    ``ChecksumResult``); the build never does this (it hashes while writing). One sequential
+    read in large blocks."""
+    algorithm = spec.get("algorithm") or ALGORITHM
+    if algorithm not in hashlib.algorithms_available:
+        raise AgentError("config", f"unknown checksum algorithm {algorithm!r}")
+    path = os.path.join(spec["root"], check_relative_path(spec["relative_path"]))
+    digest = hashlib.new(algorithm)
+    size = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise AgentError("io", f"{path}: {exc.strerror}") from None
+    with open(fd, "rb", buffering=0) as handle:
+        with contextlib.suppress(OSError):  # only a hint: read ahead, keep little cached
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        block = memoryview(bytearray(HASH_BLOCK))
+        while count := handle.readinto(block):
+            digest.update(block[:count])
+            size += count
+    return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest.hexdigest()}
+
+
+# The command table, and running a command as a process.
+
+
+class Command(NamedTuple):
+    """A command, and whether it streams an archive besides its spec: that tells a caller (and
+    ``main``) how to call it and which end of a pipe to keep. ``stream`` None:
+    ``handler(spec)``, one result; ``"out"``: ``handler(spec, fd)`` also writes the archive to
+    ``fd``; ``"in"``: ``handler(spec, reader)`` also reads an archive from ``reader``. What
+    ``send`` writes on one host is what ``receive`` reads on another."""
+
+    handler: Callable[..., Any]
+    stream: str | None
+
+
+COMMANDS = {
+    "build": Command(build, None),
+    "send": Command(send, "out"),
+    "receive": Command(receive, "in"),
+    "verify": Command(verify, None),
+    "publish": Command(publish, None),
+    "discard": Command(discard, None),
+    "checksum": Command(checksum, None),
+}
+
+
+def run_command(command: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Dispatch one command that needs nothing but its spec (a streaming one also needs its
+    stream and is called directly)."""
+    entry = COMMANDS.get(command)
+    if entry is None or entry.stream is not None:
+        raise AgentError("io", f"unknown agent command {command!r}")
+    return entry.handler(spec)
+
+
+def main(argv: list[str]) -> int:
+    """``python3 tar_agent.py COMMAND SPEC``: one JSON result line, exit 0 or 3.
+
+    SPEC is a JSON file, or ``-``: then the spec is the first line on stdin, and the rest of
+    stdin is the archive for a command that streams ``in`` and otherwise the caller's lifeline
+    (its end stops the command). The result line goes to stdout, except for a command that
+    streams ``out``, whose stdout is the archive: its result is the last line on stderr.
+    """
+    command, spec_arg = argv[1], argv[2]
+    stream = COMMANDS[command].stream if command in COMMANDS else None
+    stdin = open(0, "rb", closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if spec_arg == "-":
+        spec = json.loads(stdin.readline())
+        if stream != "in":
+            _stop_when_caller_leaves(stdin)
+    else:
+        with open(spec_arg, encoding="utf-8") as handle:
+            spec = json.load(handle)
+    report = sys.stderr if stream == "out" else sys.stdout
+    try:
+        if stream is None:
+            outcome = run_command(command, spec)  # which also refuses an unknown command
+        else:
+            archive = sys.stdout.fileno() if stream == "out" else stdin
+            outcome = COMMANDS[command].handler(spec, archive)
+        result: dict[str, Any] = {"ok": outcome}
+        code = 0
+    except AgentError as exc:
+        result, code = {"error": {"kind": exc.kind, "message": exc.message}}, 3
+    except OSError as exc:
+        result, code = {"error": {"kind": "io", "message": str(exc)}}, 3
+    try:
+        report.write(json.dumps(result) + "\n")
+        report.flush()
+    except OSError:
+        pass  # nobody is listening any more: the connection is gone
+    return code
+
+
+def _stop_when_caller_leaves(stdin: io.BufferedReader) -> None:
+    """Stop this command once its stdin ends.
+
+    A remote caller holds our stdin open for as long as it waits for the result, and sshd
+    closes it when the connection drops or the caller gives up; a timeout on the caller's side
+    does not stop a remote process by itself. The SIGTERM becomes an ``AgentError`` in the main
+    thread, whose way out removes the temporary file; if that hangs, exit anyway.
+    """
+
+    def watch() -> None:
+        while stdin.read1(1 << 16):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_SECONDS)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, _interrupted)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise AgentError("interrupted", "stopped because the caller went away (connection closed)")
+
+
+# The machinery the commands share, each part after its first user.
+
+
+def _source(spec: SendSpec) -> tuple[str, list[tuple[str, int]]]:
+    """The real source root and the checked members; every member is opened once up front so
+    bad input is refused before anything is written."""
+    members = [(check_relative_path(p), int(s)) for p, s in spec["members"]]
+    source_root = spec["source_root"]
+    if not os.path.isdir(source_root):
+        raise AgentError("io", f"source root {source_root!r} does not exist or is not a directory")
+    root_real = os.path.realpath(source_root)
+    tree = _SourceTree(root_real)
+    try:
+        for relative, filed_size in members:
+            os.close(tree.open(relative, filed_size)[0])
+    finally:
+        tree.close()
+    return root_real, members
 
 
 class _SourceTree:
@@ -188,10 +514,154 @@ def _check_member(relative: str, filed_size: int, st: os.stat_result) -> None:
         )
 
 
-def _advise(fd: int, offset: int, length: int, advice: int) -> None:
-    """A hint to the kernel's page cache; where it is not supported nothing changes."""
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, offset, length, advice)
+@contextlib.contextmanager
+def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterator[tuple[int, str]]:
+    """A new temporary file next to the archive's final name, under the package's lock and only
+    if ``need`` bytes fit; fsynced when the block succeeds, removed when it fails."""
+    dest_relative = check_relative_path(dest_relative)
+    dest_dir = _ensure_dir(dest_root, os.path.dirname(dest_relative))
+    base = os.path.basename(dest_relative)
+    lock_fd = os.open(os.path.join(dest_dir, f".{base}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AgentError("busy", f"{dest_relative} is being built by another process") from None
+        _remove_partials(dest_dir, base)
+        vfs = os.statvfs(dest_dir)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < need:
+            raise AgentError(
+                "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
+            )
+        fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
+        try:
+            yield fd, temp_path
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(temp_path)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise AgentError("no_space", f"disk full while writing in {dest_dir}") from None
+            raise AgentError("io", f"writing {temp_path} failed: {exc}") from None
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp_path)
+            raise
+        os.close(fd)
+    finally:
+        os.close(lock_fd)
+
+
+def _ensure_dir(root: str, relative_dir: str) -> str:
+    if not os.path.isdir(root):
+        raise AgentError("io", f"location root {root!r} does not exist or is not a directory")
+    path = os.path.join(root, relative_dir) if relative_dir else root
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _remove_partials(dest_dir: str, base: str) -> None:
+    """Temporary files of earlier, crashed attempts; only called while holding the lock."""
+    prefix = f".{base}.partial."
+    for entry in os.listdir(dest_dir):
+        if entry.startswith(prefix):
+            os.unlink(os.path.join(dest_dir, entry))
+
+
+def _write_predicted(
+    out_fd: int,
+    spec: SendSpec,
+    root_real: str,
+    members: list[tuple[str, int]],
+    need: int,
+    started: float,
+) -> SendResult:
+    """Write the archive and insist on exactly the predicted size; the result ``build`` and
+    ``send`` report."""
+    digest, total = _write_archive(out_fd, root_real, members, spec.get("checksums", {}))
+    if total != need:
+        raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
+    return {
+        "size": total,
+        "checksum": digest,
+        "algorithm": ALGORITHM,
+        "members": len(members),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def _write_archive(
+    out_fd: int, root_real: str, members: list[tuple[str, int]], filed: dict[str, list[str]]
+) -> tuple[str, int]:
+    """Write the archive; ``filed`` maps members to their filed [algorithm, checksum], which
+    their bytes must match (checked in the same pass, on a thread of its own)."""
+    checks = {path: _MemberCheck(path, alg, value) for path, (alg, value) in filed.items()}
+    tree = _SourceTree(root_real)
+    ahead = _ReadAhead(tree, members)
+    pipe = _Pipeline(out_fd, check_members=bool(checks))
+    try:
+        for relative, fd, st in ahead:
+            try:
+                pipe.emit(_header(relative, st))
+                _copy_member(pipe, relative, fd, st, checks.get(relative))
+            finally:
+                os.close(fd)
+            pipe.emit(b"\0" * (-st.st_size % BLOCK))
+        pipe.emit(b"\0" * (2 * BLOCK))
+        pipe.emit(b"\0" * (-pipe.total % RECORD))
+        pipe.finish()
+    except BaseException:
+        pipe.close()
+        raise
+    finally:
+        ahead.close()
+        tree.close()
+    problems = [p for check in checks.values() if (p := check.problem())]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AgentError("source_file", problems[0] + more)
+    return pipe.digest.hexdigest(), pipe.total
+
+
+class _MemberCheck:
+    """A member's filed checksum, compared with the checksum of the bytes put in the archive."""
+
+    def __init__(self, relative: str, algorithm: str, expected: str) -> None:
+        self.relative = relative
+        self.algorithm = algorithm.lower()
+        self.expected = expected.lower()
+        try:
+            self.hasher: Any = (
+                _Adler32() if self.algorithm == "adler32" else hashlib.new(self.algorithm)
+            )
+        except ValueError:
+            raise AgentError(
+                "config", f"filed checksum of {relative!r} uses unknown algorithm {algorithm!r}"
+            ) from None
+
+    def problem(self) -> str | None:
+        actual = self.hasher.hexdigest()
+        if actual == self.expected:
+            return None
+        return (
+            f"source file {self.relative!r} was altered since filing: filed {self.algorithm} "
+            f"{self.expected}, now {actual}"
+        )
+
+
+class _Adler32:
+    """zlib's adler32 behind hashlib's interface (what Rucio and FTS verify)."""
+
+    def __init__(self) -> None:
+        self._value = 1
+
+    def update(self, data: memoryview) -> None:
+        self._value = zlib.adler32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
 
 
 class _ReadAhead:
@@ -232,69 +702,6 @@ class _ReadAhead:
     def close(self) -> None:
         while self._opened:
             os.close(self._opened.popleft()[1])
-
-
-class _Adler32:
-    """zlib's adler32 behind hashlib's interface (what Rucio and FTS verify)."""
-
-    def __init__(self) -> None:
-        self._value = 1
-
-    def update(self, data: memoryview) -> None:
-        self._value = zlib.adler32(data, self._value)
-
-    def hexdigest(self) -> str:
-        return f"{self._value:08x}"
-
-
-class _MemberCheck:
-    """A member's filed checksum, compared with the checksum of the bytes put in the archive."""
-
-    def __init__(self, relative: str, algorithm: str, expected: str) -> None:
-        self.relative = relative
-        self.algorithm = algorithm.lower()
-        self.expected = expected.lower()
-        try:
-            self.hasher: Any = (
-                _Adler32() if self.algorithm == "adler32" else hashlib.new(self.algorithm)
-            )
-        except ValueError:
-            raise AgentError(
-                "config", f"filed checksum of {relative!r} uses unknown algorithm {algorithm!r}"
-            ) from None
-
-    def problem(self) -> str | None:
-        actual = self.hasher.hexdigest()
-        if actual == self.expected:
-            return None
-        return (
-            f"source file {self.relative!r} was altered since filing: filed {self.algorithm} "
-            f"{self.expected}, now {actual}"
-        )
-
-
-class _WriteBehind:
-    """Keeps an archive being written from piling up in the page cache.
-
-    Every CACHE_STEP bytes, writeback of the new bytes is started (POSIX_FADV_DONTNEED starts
-    writeback of dirty pages and leaves them cached), and the pages more than CACHE_LAG bytes
-    back, clean by then, are dropped. The final fsync has little left to do, and the kernel
-    reuses the same few pages throughout. Nothing happens for a pipe or socket.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.enabled = stat.S_ISREG(os.fstat(fd).st_mode)
-        self._written = self._started = 0
-
-    def wrote(self, count: int) -> None:
-        self._written += count
-        if not self.enabled or self._written - self._started < CACHE_STEP:
-            return
-        _advise(self.fd, self._started, self._written - self._started, os.POSIX_FADV_DONTNEED)
-        self._started = self._written
-        if self._written > CACHE_LAG:  # from the start: pages still under writeback last time
-            _advise(self.fd, 0, self._written - CACHE_LAG, os.POSIX_FADV_DONTNEED)
 
 
 class _Pipeline:
@@ -431,185 +838,28 @@ class _Pipeline:
             thread.join()
 
 
-def _ensure_dir(root: str, relative_dir: str) -> str:
-    if not os.path.isdir(root):
-        raise AgentError("io", f"location root {root!r} does not exist or is not a directory")
-    path = os.path.join(root, relative_dir) if relative_dir else root
-    os.makedirs(path, exist_ok=True)
-    return path
+class _WriteBehind:
+    """Keeps an archive being written from piling up in the page cache.
 
-
-def _source(spec: dict[str, Any]) -> tuple[str, list[tuple[str, int]]]:
-    """The real source root and the checked members; every member is opened once up front so
-    bad input is refused before anything is written."""
-    members = [(check_relative_path(p), int(s)) for p, s in spec["members"]]
-    source_root = spec["source_root"]
-    if not os.path.isdir(source_root):
-        raise AgentError("io", f"source root {source_root!r} does not exist or is not a directory")
-    root_real = os.path.realpath(source_root)
-    tree = _SourceTree(root_real)
-    try:
-        for relative, filed_size in members:
-            os.close(tree.open(relative, filed_size)[0])
-    finally:
-        tree.close()
-    return root_real, members
-
-
-@contextlib.contextmanager
-def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterator[tuple[int, str]]:
-    """A new temporary file next to the archive's final name, under the package's lock and only
-    if ``need`` bytes fit; fsynced when the block succeeds, removed when it fails."""
-    dest_relative = check_relative_path(dest_relative)
-    dest_dir = _ensure_dir(dest_root, os.path.dirname(dest_relative))
-    base = os.path.basename(dest_relative)
-    lock_fd = os.open(os.path.join(dest_dir, f".{base}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AgentError("busy", f"{dest_relative} is being built by another process") from None
-        _remove_partials(dest_dir, base)
-        vfs = os.statvfs(dest_dir)
-        free = vfs.f_bavail * vfs.f_frsize
-        if free < need:
-            raise AgentError(
-                "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
-            )
-        fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
-        try:
-            yield fd, temp_path
-            os.fchmod(fd, 0o644)
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(temp_path)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise AgentError("no_space", f"disk full while writing in {dest_dir}") from None
-            raise AgentError("io", f"writing {temp_path} failed: {exc}") from None
-        except BaseException:
-            os.close(fd)
-            os.unlink(temp_path)
-            raise
-        os.close(fd)
-    finally:
-        os.close(lock_fd)
-
-
-def build(spec: dict[str, Any]) -> dict[str, Any]:
-    """Write the archive under a temporary name next to its final name, fsynced, and return
-    its size and checksum. Nothing is left behind on failure.
-
-    spec: source_root, members [[relative_path, filed_size], ...], dest_root, dest_relative,
-    optionally checksums {relative_path: [algorithm, filed checksum]}.
+    Every CACHE_STEP bytes, writeback of the new bytes is started (POSIX_FADV_DONTNEED starts
+    writeback of dirty pages and leaves them cached), and the pages more than CACHE_LAG bytes
+    back, clean by then, are dropped. The final fsync has little left to do, and the kernel
+    reuses the same few pages throughout. Nothing happens for a pipe or socket.
     """
-    started = time.monotonic()
-    root_real, members = _source(spec)
-    need = predicted_size(members)
-    with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
-        result = _write_predicted(fd, spec, root_real, members, need, started)
-    return {"temp_path": temp_path, **result}
 
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.enabled = stat.S_ISREG(os.fstat(fd).st_mode)
+        self._written = self._started = 0
 
-def send(spec: dict[str, Any], out_fd: int) -> dict[str, Any]:
-    """Write the archive to ``out_fd`` instead of a file, for a buffer on another host: the
-    caller passes the bytes to ``receive`` there. Same bytes as ``build``.
-
-    spec: source_root, members [[relative_path, filed_size], ...], optionally checksums.
-    """
-    started = time.monotonic()
-    root_real, members = _source(spec)
-    return _write_predicted(out_fd, spec, root_real, members, predicted_size(members), started)
-
-
-def _write_predicted(
-    out_fd: int,
-    spec: dict[str, Any],
-    root_real: str,
-    members: list[tuple[str, int]],
-    need: int,
-    started: float,
-) -> dict[str, Any]:
-    """Write the archive and insist on exactly the predicted size; the result ``build`` and
-    ``send`` report."""
-    digest, total = _write_archive(out_fd, root_real, members, spec.get("checksums", {}))
-    if total != need:
-        raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
-    return {
-        "size": total,
-        "checksum": digest,
-        "algorithm": ALGORITHM,
-        "members": len(members),
-        "seconds": time.monotonic() - started,
-    }
-
-
-def receive(spec: dict[str, Any], stream: io.BufferedReader) -> dict[str, Any]:
-    """Write an archive arriving on ``stream`` under a temporary name, hashing it on the way,
-    like ``build`` does. After exactly ``size`` bytes the stream carries one line, the sender's
-    checksum: it must equal the checksum of what arrived, else nothing is kept.
-
-    spec: dest_root, dest_relative, size (the predicted archive size).
-    """
-    started = time.monotonic()
-    need = int(spec["size"])
-    with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
-        pipe = _Pipeline(fd)
-        try:
-            short = AgentError("io", f"the archive stream ended before its {need} bytes arrived")
-            pipe.copy_from(stream.readinto, need, short)
-            pipe.finish()
-        except BaseException:
-            pipe.close()
-            raise
-        digest = pipe.digest.hexdigest()
-        sent = stream.readline(256).strip().decode("ascii", "replace")
-        if sent != digest:
-            raise AgentError(
-                "verification",
-                f"received {need} bytes with sha256 {digest}, but the sender's checksum was "
-                f"{sent or 'never sent'}",
-            )
-    return {
-        "temp_path": temp_path,
-        "size": need,
-        "checksum": digest,
-        "algorithm": ALGORITHM,
-        "seconds": time.monotonic() - started,
-    }
-
-
-def _write_archive(
-    out_fd: int, root_real: str, members: list[tuple[str, int]], filed: dict[str, list[str]]
-) -> tuple[str, int]:
-    """Write the archive; ``filed`` maps members to their filed [algorithm, checksum], which
-    their bytes must match (checked in the same pass, on a thread of its own)."""
-    checks = {path: _MemberCheck(path, alg, value) for path, (alg, value) in filed.items()}
-    tree = _SourceTree(root_real)
-    ahead = _ReadAhead(tree, members)
-    pipe = _Pipeline(out_fd, check_members=bool(checks))
-    try:
-        for relative, fd, st in ahead:
-            try:
-                pipe.emit(_header(relative, st))
-                _copy_member(pipe, relative, fd, st, checks.get(relative))
-            finally:
-                os.close(fd)
-            pipe.emit(b"\0" * (-st.st_size % BLOCK))
-        pipe.emit(b"\0" * (2 * BLOCK))
-        pipe.emit(b"\0" * (-pipe.total % RECORD))
-        pipe.finish()
-    except BaseException:
-        pipe.close()
-        raise
-    finally:
-        ahead.close()
-        tree.close()
-    problems = [p for check in checks.values() if (p := check.problem())]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AgentError("source_file", problems[0] + more)
-    return pipe.digest.hexdigest(), pipe.total
+    def wrote(self, count: int) -> None:
+        self._written += count
+        if not self.enabled or self._written - self._started < CACHE_STEP:
+            return
+        _advise(self.fd, self._started, self._written - self._started, os.POSIX_FADV_DONTNEED)
+        self._started = self._written
+        if self._written > CACHE_LAG:  # from the start: pages still under writeback last time
+            _advise(self.fd, 0, self._written - CACHE_LAG, os.POSIX_FADV_DONTNEED)
 
 
 def _copy_member(
@@ -634,42 +884,10 @@ def _readv(fd: int, view: memoryview) -> int:
     return os.readv(fd, [view])
 
 
-def _remove_partials(dest_dir: str, base: str) -> None:
-    """Temporary files of earlier, crashed attempts; only called while holding the lock."""
-    prefix = f".{base}.partial."
-    for entry in os.listdir(dest_dir):
-        if entry.startswith(prefix):
-            os.unlink(os.path.join(dest_dir, entry))
-
-
-def verify(spec: dict[str, Any]) -> dict[str, Any]:
-    """Check a written archive without re-reading its data: exact size, then member headers.
-
-    spec: path, members [[relative_path, size], ...] in archive order.
-    """
-    path = spec["path"]
-    expected = [(p, int(s)) for p, s in spec["members"]]
-    need = predicted_size(expected)
-    actual_size = os.stat(path).st_size
-    if actual_size != need:
-        raise AgentError(
-            "verification", f"{path} has {actual_size} bytes, {need} expected (truncated?)"
-        )
-    # Unbuffered, so that reading a header reads nothing but the header's pages.
-    with open(path, "rb", buffering=0) as handle:
-        _prefetch_headers(handle.fileno(), expected)
-        with tarfile.open(
-            fileobj=handle, mode="r:", encoding="utf-8", errors="surrogateescape"
-        ) as archive:
-            found = [(m.name, m.size) for m in archive]
-    if found != expected:
-        missing = [m for m in expected if m not in found][:3]
-        extra = [m for m in found if m not in expected][:3]
-        raise AgentError(
-            "verification",
-            f"{path} members differ from the package's files: missing {missing}, extra {extra}",
-        )
-    return {"size": actual_size, "members": len(found)}
+def _advise(fd: int, offset: int, length: int, advice: int) -> None:
+    """A hint to the kernel's page cache; where it is not supported nothing changes."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, advice)
 
 
 def _prefetch_headers(fd: int, members: list[tuple[str, int]]) -> None:
@@ -684,143 +902,30 @@ def _prefetch_headers(fd: int, members: list[tuple[str, int]]) -> None:
         offset += header + _padded(size)
 
 
-def publish(spec: dict[str, Any]) -> dict[str, Any]:
-    """Give a verified temporary archive its final name; rename(2) is atomic, then the
-    directory entry is fsynced so a crash cannot lose it.
-
-    spec: temp_path, dest_root, dest_relative.
-    """
-    final = os.path.join(spec["dest_root"], check_relative_path(spec["dest_relative"]))
-    os.rename(spec["temp_path"], final)
-    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return {"path": final}
+def _header(name: str, st: os.stat_result) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = st.st_size
+    info.mtime = int(st.st_mtime)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape")
 
 
-def discard(spec: dict[str, Any]) -> dict[str, Any]:
-    """Remove a temporary archive that will not be published (spec: temp_path)."""
-    try:
-        os.unlink(spec["temp_path"])
-    except FileNotFoundError:
-        return {"removed": False}
-    return {"removed": True}
+def _header_size(name: str) -> int:
+    raw = len(_encoded(name))
+    if raw > tarfile.LENGTH_NAME:  # GNU ././@LongLink header plus the name and its NUL
+        return 2 * BLOCK + (raw + 1 + BLOCK - 1) // BLOCK * BLOCK
+    return BLOCK
 
 
-HASH_BLOCK = 8 << 20
+def _encoded(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
-def checksum(spec: dict[str, Any]) -> dict[str, Any]:
-    """Hash a published archive again, for an operator checking it at rest; the build never
-    does this (it hashes while writing). One sequential read in large blocks.
-
-    spec: root, relative_path, algorithm (a hashlib name; default sha256).
-    """
-    algorithm = spec.get("algorithm") or ALGORITHM
-    if algorithm not in hashlib.algorithms_available:
-        raise AgentError("config", f"unknown checksum algorithm {algorithm!r}")
-    path = os.path.join(spec["root"], check_relative_path(spec["relative_path"]))
-    digest = hashlib.new(algorithm)
-    size = 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise AgentError("io", f"{path}: {exc.strerror}") from None
-    with open(fd, "rb", buffering=0) as handle:
-        with contextlib.suppress(OSError):  # only a hint: read ahead, keep little cached
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        block = memoryview(bytearray(HASH_BLOCK))
-        while count := handle.readinto(block):
-            digest.update(block[:count])
-            size += count
-    return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest.hexdigest()}
-
-
-COMMANDS = {
-    "build": build,
-    "verify": verify,
-    "publish": publish,
-    "discard": discard,
-    "checksum": checksum,
-}
-
-
-def run_command(command: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch one command that needs nothing but its spec (``send`` and ``receive`` also
-    need a stream and are called directly)."""
-    try:
-        handler = COMMANDS[command]
-    except KeyError:
-        raise AgentError("io", f"unknown agent command {command!r}") from None
-    return handler(spec)
-
-
-STOP_GRACE_SECONDS = 30
-
-
-def _stop_when_caller_leaves(stdin: io.BufferedReader) -> None:
-    """Stop this command once its stdin ends.
-
-    A remote caller holds our stdin open for as long as it waits for the result, and sshd
-    closes it when the connection drops or the caller gives up; a timeout on the caller's side
-    does not stop a remote process by itself. The SIGTERM becomes an ``AgentError`` in the main
-    thread, whose way out removes the temporary file; if that hangs, exit anyway.
-    """
-
-    def watch() -> None:
-        while stdin.read1(1 << 16):
-            pass
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(STOP_GRACE_SECONDS)
-        os._exit(143)
-
-    signal.signal(signal.SIGTERM, _interrupted)
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _interrupted(signum: int, frame: object) -> None:
-    raise AgentError("interrupted", "stopped because the caller went away (connection closed)")
-
-
-def main(argv: list[str]) -> int:
-    """``python3 tar_agent.py COMMAND SPEC``: one JSON result line, exit 0 or 3.
-
-    SPEC is a JSON file, or ``-``: then the spec is the first line on stdin, and the rest of
-    stdin is the archive for ``receive`` and otherwise the caller's lifeline (its end stops the
-    command). The result line goes to stdout, except for ``send``, whose stdout is the archive:
-    its result is the last line on stderr.
-    """
-    command, spec_arg = argv[1], argv[2]
-    stdin = open(0, "rb", closefd=False)  # noqa: SIM115 (lives as long as the process)
-    if spec_arg == "-":
-        spec = json.loads(stdin.readline())
-        if command != "receive":
-            _stop_when_caller_leaves(stdin)
-    else:
-        with open(spec_arg, encoding="utf-8") as handle:
-            spec = json.load(handle)
-    report = sys.stderr if command == "send" else sys.stdout
-    try:
-        if command == "send":
-            outcome = send(spec, sys.stdout.fileno())
-        elif command == "receive":
-            outcome = receive(spec, stdin)
-        else:
-            outcome = run_command(command, spec)
-        result: dict[str, Any] = {"ok": outcome}
-        code = 0
-    except AgentError as exc:
-        result, code = {"error": {"kind": exc.kind, "message": exc.message}}, 3
-    except OSError as exc:
-        result, code = {"error": {"kind": "io", "message": str(exc)}}, 3
-    try:
-        report.write(json.dumps(result) + "\n")
-        report.flush()
-    except OSError:
-        pass  # nobody is listening any more: the connection is gone
-    return code
+def _padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
 if __name__ == "__main__":

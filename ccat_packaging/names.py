@@ -1,0 +1,47 @@
+"""Names shared by the jobs, the sensors and the retention job: Dagster names must match
+``^[A-Za-z0-9_]+$``, and a run found by a tag must have been given exactly that tag."""
+
+from __future__ import annotations
+
+import re
+
+# The asset whose partitions (file groups) show every package's completions and failures.
+PACKAGES_ASSET = "raw_data_packages"
+
+# On every run of this code location (job tags are copied to runs): what run retention deletes.
+PIPELINE_TAG = "ccat/pipeline"
+PIPELINE = "ccat_packaging"
+SOURCE_LOCATION_TAG = "ccat/source_location"
+SOURCE_HOST_TAG = "ccat/source_host"
+# Set on a run once its packages are at a buffer: the buffers they actually went to.
+BUFFER_LOCATION_TAG = "ccat/buffer_location"
+FILES_TAG = "ccat/files"
+BYTES_TAG = "ccat/bytes"
+RESUME_PACKAGE_TAG = "ccat/resume_package_id"
+
+# Dagster's own tag keys. Dagster 1.13 exports none of these from its public API (only
+# MAX_RUNTIME_SECONDS_TAG), so they are spelled out here, once.
+SENSOR_NAME_TAG = "dagster/sensor_name"
+RUN_KEY_TAG = "dagster/run_key"
+PARENT_RUN_ID_TAG = "dagster/parent_run_id"
+RETRY_NUMBER_TAG = "dagster/retry_number"
+RETRY_STRATEGY_TAG = "dagster/retry_strategy"
+CONCURRENCY_KEY_TAG = "dagster/concurrency_key"
+
+
+def job_name(location_slug: str) -> str:
+    return f"package_{location_slug}"
+
+
+def sensor_name(location_slug: str) -> str:
+    return f"package_{location_slug}_sensor"
+
+
+def partitions_name(location_slug: str) -> str:
+    return f"{location_slug}_file_groups"
+
+
+def host_pool(host: str) -> str:
+    """The concurrency pool of a source host: ``concurrency.pools`` in dagster.yaml limits how
+    many assemblies run on one host at once, for sensor runs and backfills alike."""
+    return "assembly_" + re.sub(r"[^A-Za-z0-9_]+", "_", host.lower())

@@ -1,0 +1,78 @@
+"""What each step shows about its package in the UI: the step's output, the run's events and
+the package history (asset ``raw_data_packages``, one partition per file group).
+
+The UI truncates long metadata, so what matters most comes first.
+"""
+
+from __future__ import annotations
+
+from ccat_packaging.assembly.archive import AssembledArchive
+from ccat_packaging.failure_policy import Verdict
+from ccat_packaging.plans import PackagePlan
+
+Metadata = dict[str, str | int | float | bool]
+
+
+def planned(plan: PackagePlan) -> Metadata:
+    """A package just claimed or resumed, before anything is built."""
+    return {
+        "package": plan.name,
+        "package_id": plan.package_id,
+        "files": len(plan.members),
+        "bytes": plan.total_bytes,
+        "source_location": plan.source.location_name,
+        "source_host": plan.source.host,
+    }
+
+
+def where(plan: PackagePlan, archive: AssembledArchive) -> Metadata:
+    """Which package, and the hosts and the buffer it actually went between."""
+    return {
+        "package": plan.name,
+        "source_location": plan.source.location_name,
+        "source_host": plan.source.host,
+        "assembled_on": archive.host,
+        "transport": "ssh" if archive.via_ssh else "local",
+        "buffer_location": archive.buffer.location_name,
+    }
+
+
+def size(plan: PackagePlan, archive: AssembledArchive) -> Metadata:
+    return {
+        "files": len(plan.members),
+        "bytes": archive.size,
+        "seconds": round(archive.seconds, 3),
+        "throughput_MB_per_s": round(plan.total_bytes / max(archive.seconds, 1e-9) / 1e6, 1),
+    }
+
+
+def verified(plan: PackagePlan, archive: AssembledArchive) -> Metadata:
+    return {
+        "package": plan.name,
+        "checksum": f"{archive.algorithm}:{archive.checksum}",
+        "bytes": archive.size,
+        "members_verified": len(plan.members),
+    }
+
+
+def registered(plan: PackagePlan, archive: AssembledArchive, final_path: str) -> Metadata:
+    return {
+        "package": plan.name,
+        "status": "completed",
+        "checksum": f"{archive.algorithm}:{archive.checksum}",
+        "buffer_path": final_path,
+        **size(plan, archive),
+        **where(plan, archive),
+    }
+
+
+def failed(plan: PackagePlan | None, verdict: Verdict) -> Metadata:
+    """A step that gave up; with a plan, also the package's failure as its history shows it."""
+    metadata: Metadata = {
+        "error_class": type(verdict.error).__name__,
+        "retryable": verdict.error.retryable,
+        "attempts": verdict.attempt,
+    }
+    if plan is None:
+        return metadata
+    return {"package": plan.name, "status": "failed", "reason": verdict.reason, **metadata}

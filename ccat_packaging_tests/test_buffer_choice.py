@@ -1,0 +1,164 @@
+"""Which buffer takes a package: the preference rule, failover as plain Python, and failover
+in real runs into a buffer that fills up or is switched off."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from sqlalchemy import text, update
+
+from ccat_packaging.assembly import archive
+from ccat_packaging.buffer_choice import assemble_at_first_usable_buffer, primary_buffer
+from ccat_packaging.errors import HostUnreachableError, NoActiveBufferError
+from ccat_packaging.models import DataLocation, LocationType, Status
+from ccat_packaging.names import BUFFER_LOCATION_TAG
+from ccat_packaging.plans import Endpoint, PackagePlan
+from ccat_packaging.resources import AssemblyHosts
+from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.package_checks import (
+    assert_completed_and_intact,
+    leftovers,
+    packages_of,
+    single_site,
+)
+from ccat_packaging_tests.sshd import free_port
+
+SOURCE, BUFFER = LocationType.SOURCE, LocationType.BUFFER
+
+
+def test_primary_buffer_is_lowest_priority_number_then_lowest_id(world) -> None:
+    site = world.site()
+    world.location(site, "b_prio2", BUFFER, priority=2)
+    first_p1 = world.location(site, "b_prio1_a", BUFFER, priority=1)
+    world.location(site, "b_prio1_b", BUFFER, priority=1)
+    world.location(site, "b_inactive_p0", BUFFER, priority=0, active=False)
+    other_site = world.site("cologne")
+    world.location(other_site, "cologne_b", BUFFER, priority=0)
+    with world.session() as s:
+        assert primary_buffer(s, site).id == first_p1
+        s.execute(update(DataLocation).where(DataLocation.id == first_p1).values(active=False))
+        assert primary_buffer(s, site).name == "b_prio1_b"
+
+
+def test_no_active_buffer_is_an_error_naming_the_site(world) -> None:
+    site = world.site()
+    world.location(site, "src", SOURCE)
+    world.location(site, "off", BUFFER, active=False)
+    with world.session() as s, pytest.raises(NoActiveBufferError, match="no active BUFFER"):
+        primary_buffer(s, site)
+
+
+# --- failover without Dagster ------------------------------------------------------------------
+
+
+def _endpoint(location_id: int, name: str, host: str, root: Path, port: int = 22) -> Endpoint:
+    root.mkdir(parents=True, exist_ok=True)
+    return Endpoint(location_id, name, host, "root", port, str(root))
+
+
+def _plan(source: Endpoint, tmp_path: Path) -> PackagePlan:
+    (Path(source.root) / "a.dat").write_bytes(b"a" * 3000)
+    return PackagePlan(1, "pkg", "grp", 1, "site/eou1/pkg.tar", source, 1, (("a.dat", 3000),))
+
+
+def test_an_unreachable_buffer_host_is_passed_over_for_the_next_buffer(tmp_path: Path) -> None:
+    source = _endpoint(1, "src", "localhost", tmp_path / "src")
+    closed = _endpoint(2, "far", "127.0.0.6", tmp_path / "far", free_port("127.0.0.6"))
+    spare = _endpoint(3, "spare", "localhost", tmp_path / "spare")
+    plan = _plan(source, tmp_path)
+    passed_over: list[str] = []
+    hosts = AssemblyHosts()
+    built = assemble_at_first_usable_buffer(hosts, plan, [closed, spare], passed_over.append)
+    try:
+        assert built.buffer == spare
+        assert Path(built.temp_path).parent.is_relative_to(tmp_path / "spare")
+    finally:
+        archive.discard(hosts, built)
+        hosts.close()
+    [why] = passed_over
+    assert why.startswith("buffer far unusable:") and "127.0.0.6" in why
+
+
+def test_an_unreachable_source_host_is_not_a_reason_to_fail_over(tmp_path: Path) -> None:
+    source = _endpoint(1, "src", "127.0.0.7", tmp_path / "src", free_port("127.0.0.7"))
+    first = _endpoint(2, "buf", "localhost", tmp_path / "buf")
+    spare = _endpoint(3, "spare", "localhost", tmp_path / "spare")
+    passed_over: list[str] = []
+    hosts = AssemblyHosts()
+    with pytest.raises(HostUnreachableError, match=r"127\.0\.0\.7"):
+        assemble_at_first_usable_buffer(
+            hosts, _plan(source, tmp_path), [first, spare], passed_over.append
+        )
+    hosts.close()
+    assert passed_over == []
+    assert leftovers(tmp_path / "buf") == [] and leftovers(tmp_path / "spare") == []
+
+
+# --- failover in real runs ---------------------------------------------------------------------
+
+
+def test_disk_full_during_the_write_fails_over_to_the_next_buffer(world, small_disk) -> None:
+    site, _, _, group, key = single_site(world, buffer_root=small_disk)
+    spare = world.location(site, "spare", LocationType.BUFFER, priority=2)
+    world.file(group, "a.dat", size=48 << 20)  # fits the 64 MiB disk when checked...
+    stop = threading.Event()
+
+    def fill_disk_once_writing_starts() -> None:  # ...until someone else fills it
+        while not stop.is_set():
+            if list(small_disk.rglob(".*.partial.*")):
+                with open(small_disk / "filler", "wb") as handle, contextlib.suppress(OSError):
+                    handle.write(b"\0" * (64 << 20))
+                return
+            time.sleep(0.0002)
+
+    filler = threading.Thread(target=fill_disk_once_writing_starts)
+    filler.start()
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+        run = instance.get_run_by_id(result.run_id)
+    stop.set()
+    filler.join()
+    assert result.success
+    assert run is not None and run.tags[BUFFER_LOCATION_TAG] == "spare"  # not the guess "buf"
+    [package] = packages_of(world)
+    assert_completed_and_intact(world, spare, package)
+    assert leftovers(small_disk) == ["filler"]
+    [event] = [
+        e
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.STEP_OUTPUT
+        and str(e.step_key).startswith("assemble_tar")
+    ]
+    metadata = event.step_output_data.metadata
+    assert metadata["buffer_location"].value == "spare"
+    assert metadata["failover"].value is True
+
+
+def test_no_buffer_with_room_fails_cleanly_naming_the_buffers(world, small_disk) -> None:
+    _, _, _, group, key = single_site(world, buffer_root=small_disk)
+    world.file(group, "a.dat", size=80 << 20)
+    with dg.instance_for_test() as instance:
+        assert not run_partition(instance, key).success
+    [package] = packages_of(world)
+    assert package.status == Status.FAILED
+    assert "InsufficientSpaceError" in (package.failure_reason or "")
+    assert "buf" in (package.failure_reason or "")
+    assert leftovers(small_disk) == []
+
+
+@pytest.mark.parametrize("state", ["inactive", "full"])
+def test_an_unusable_primary_buffer_is_passed_over(world, small_disk, state: str) -> None:
+    site, _, buf, group, key = single_site(world, buffer_root=small_disk)
+    spare = world.location(site, "spare", LocationType.BUFFER, priority=2)
+    world.file(group, "a.dat", size=(80 << 20) if state == "full" else 1000)
+    if state == "inactive":
+        with world.session() as s:
+            s.execute(text("UPDATE data_location SET active = false WHERE id = :i"), {"i": buf})
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, key).success
+    assert_completed_and_intact(world, spare, packages_of(world)[0])
