@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import func, or_, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.models import (
@@ -23,6 +23,7 @@ from ccat_packaging.models import (
     RawDataPackage,
     Status,
 )
+from ccat_packaging.run_placement import queue_overrides, run_queue
 
 _KEY = re.compile(r"^(?P<slug>[A-Za-z0-9_]+)__eou(?P<eou>\d+)__mod(?P<mod>\d+)$")
 
@@ -64,6 +65,8 @@ class SourceLocationRef:
     name: str
     slug: str
     host: str
+    # The Celery queue its runs go to (run_placement).
+    run_queue: str
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,19 @@ def source_locations(session: Session) -> list[SourceLocationRef]:
             DiskDataLocation.active.is_(True),
         )
         .order_by(DiskDataLocation.id)
+        .options(selectinload(DiskDataLocation.site))
     ).all()
-    refs = [SourceLocationRef(r.id, r.name, location_slug(r.name), r.host) for r in rows]
+    overrides = queue_overrides()
+    refs = [
+        SourceLocationRef(
+            r.id,
+            r.name,
+            location_slug(r.name),
+            r.host,
+            run_queue(r.name, r.site.short_name, overrides),
+        )
+        for r in rows
+    ]
     seen: dict[str, str] = {}
     for ref in refs:
         if ref.slug in seen:

@@ -188,6 +188,7 @@ def build_package_job(location: SourceLocationRef) -> dg.JobDefinition:
             names.PIPELINE_TAG: names.PIPELINE,
             names.SOURCE_LOCATION_TAG: location.name,
             names.SOURCE_HOST_TAG: location.host,
+            names.CELERY_QUEUE_TAG: location.run_queue,
             # Run retry (failure_policy, path 2) starts from the first step: every op is safe
             # to run again, and Dagster 1.13's from-failure retry can skip a mapped step that
             # never started, then fail on its missing output.

@@ -27,6 +27,8 @@ PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 RETRY_NUMBER_TAG = "dagster/retry_number"
 RETRY_STRATEGY_TAG = "dagster/retry_strategy"
 CONCURRENCY_KEY_TAG = "dagster/concurrency_key"
+# dagster-celery's queue tag (dagster_celery.tags; that package is an optional extra).
+CELERY_QUEUE_TAG = "dagster-celery/queue"
 
 
 def job_name(location_slug: str) -> str:

@@ -48,11 +48,15 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
         time.sleep(every)
 
 
-def write_test_instance(home: Path) -> None:
-    """The production dagster.yaml with test timings, same structure otherwise."""
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+CELERY_INSTANCE = REPO / "docs" / "examples" / "dagster-celery.yaml"
+
+
+def write_test_instance(home: Path, production: Path = REPO / "dagster.yaml") -> None:
+    """A production instance file with test timings, same structure otherwise."""
+    config = yaml.safe_load(production.read_text())
     config["run_queue"]["dequeue_interval_seconds"] = 1
     config["concurrency"]["pools"]["default_limit"] = 1
+    config["run_monitoring"]["poll_interval_seconds"] = 2
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 

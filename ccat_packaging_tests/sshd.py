@@ -69,7 +69,8 @@ class SshServer:
     @property
     def known_hosts_line(self) -> str:
         """This host's line in a known-hosts file (ports other than 22 are written [addr]:port)."""
-        return f"[{self.address}]:{self.port} {self.host_public_key}"
+        name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{name} {self.host_public_key}"
 
     def endpoint(self, root: Path, name: str = "remote", location_id: int = 1) -> Endpoint:
         return Endpoint(location_id, name, self.address, "root", self.port, str(root))
@@ -113,18 +114,28 @@ class SshServer:
 
 
 @contextmanager
-def running_sshd(address: str, directory: Path, authorized_keys: list[str]) -> Iterator[SshServer]:
+def running_sshd(
+    address: str,
+    directory: Path,
+    authorized_keys: list[str],
+    *,
+    port: int | None = None,
+    namespace: str | None = None,
+) -> Iterator[SshServer]:
+    """An sshd on ``address``: in this network namespace, or inside ``namespace`` (where
+    ``address`` is one of that namespace's own)."""
     directory.mkdir(parents=True)
     directory.chmod(0o711)  # sshd reads authorized_keys as the user logging in
     host_public_key = keygen(directory / "host_ed25519")
     (directory / "authorized_keys").write_text("".join(f"{k}\n" for k in authorized_keys))
     (directory / "authorized_keys").chmod(0o644)
-    port = free_port(address)
+    port = port or free_port(address)
     config = directory / "sshd_config"
     config.write_text(CONFIG.format(port=port, address=address, directory=directory))
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
     with open(directory / "sshd.log", "wb") as log:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)
+        enter = ["ip", "netns", "exec", namespace] if namespace else []
+        process = subprocess.Popen([*enter, SSHD, "-D", "-e", "-f", str(config)], stderr=log)
     server = SshServer(address, port, directory, host_public_key, process)
     try:
         deadline = time.monotonic() + 10

@@ -14,6 +14,7 @@ import pytest
 from dagster._core.definitions.run_request import InstigatorType  # no public name (1.13)
 from dagster._core.scheduler.instigation import TickStatus  # no public name (1.13)
 
+from ccat_packaging.celery_launcher import SiteRunLauncher
 from ccat_packaging.models import LocationType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,11 +65,12 @@ def test_the_scale_out_example_loads_with_a_celery_run_launcher(
     pg_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CCAT_CELERY_BROKER_URL", "pyamqp://guest:guest@127.0.0.1:5672//")
+    monkeypatch.setenv("CCAT_CELERY_BACKEND_URL", "redis://127.0.0.1:6379/0")
     config = REPO / "docs" / "examples" / "dagster-celery.yaml"
     for instance in _instance(config, tmp_path / "home"):
         launcher = instance.run_launcher
-        assert type(launcher).__name__ == "CeleryRunLauncher"
-        assert launcher.default_queue == "ccat_packaging"  # type: ignore[attr-defined]
+        assert isinstance(launcher, SiteRunLauncher)
+        assert launcher.default_queue == "ccat_central"
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
 
 

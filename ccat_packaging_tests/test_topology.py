@@ -1,0 +1,183 @@
+"""The deployment on the observatory's topology (``topology.py``): the daemon and webserver at the
+central site, a Celery worker on the telescope site's buffer host, instrument computers reached
+over SSH, and what crosses which link, read from the interfaces' byte counters.
+
+Each test has its own operations database, Dagster instance, daemon and worker; the network,
+the broker and the hosts' sshd are shared by the module.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging.names import CELERY_QUEUE_TAG, SENSOR_NAME_TAG
+from ccat_packaging_tests.deployment import (
+    CELERY_INSTANCE,
+    REPOSITORY,
+    LOCATION,
+    Deployment,
+    running_deployment,
+    wait_for,
+    write_test_instance,
+)
+from ccat_packaging_tests.package_checks import (
+    MB,
+    assert_completed_and_intact,
+    big_file,
+    leftovers,
+    packages_of,
+)
+from ccat_packaging_tests.topology import SITE, Observatory, observatory
+from ccat_packaging_tests.world import Group
+
+pytestmark = pytest.mark.topology
+
+QUEUE = f"ccat_{SITE}"
+START_SENSOR = """
+mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) {
+  __typename ... on Sensor { sensorState { status } } ... on PythonError { message } } }"""
+
+
+@pytest.fixture(scope="module")
+def obs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observatory]:
+    if os.geteuid() != 0:
+        pytest.fail("the topology tests create network namespaces: run them as root")
+    with observatory(tmp_path_factory.mktemp("observatory"), prefix="ccatt", net=79) as built:
+        yield built
+
+
+@dataclass
+class Telescope:
+    """The site's locations in the operations database, and the environments of the
+    deployment's central and site processes."""
+
+    world: object
+    instr1: int
+    instr2: int
+    buffer: int
+    central: dict[str, str]
+    site: dict[str, str]
+    logs: Path
+
+    def group(self, location: int, name: str, files: int, size: int) -> Group:
+        group = self.world.group(location)  # type: ignore[attr-defined]
+        for i in range(files):
+            big_file(self.world, group, f"{name}/obs_{i:03d}.dat", size)
+        return group
+
+
+@pytest.fixture
+def telescope(
+    obs: Observatory, world, dagster_pg_env: dict[str, str], tmp_path: Path, monkeypatch
+) -> Iterator[Telescope]:
+    hosts = obs.network.hosts
+    site = world.site(SITE)
+
+    def location(name: str, host: str, kind: LocationType) -> int:
+        root = obs.disk(host) / f"{name}_{tmp_path.name}"
+        return int(
+            world.location(site, name, kind, host=hosts[host].address, user="root", root=root)
+        )
+
+    instr1 = location("instr1_raw", "instr1", LocationType.SOURCE)
+    instr2 = location("instr2_raw", "instr2", LocationType.SOURCE)
+    buffer = location("telescope_buffer", "buffer", LocationType.BUFFER)
+    home = tmp_path / "dagster_home"
+    write_test_instance(home, CELERY_INSTANCE)
+    central = {
+        **obs.central_env(dagster_pg_env, world.url, home),
+        "CCAT_SENSOR_INTERVAL_SECONDS": "3",
+        "CCAT_STALE_AFTER_SECONDS": "20",
+        "CCAT_RETRY_BASE_SECONDS": "1",
+    }
+    for name, value in central.items():
+        monkeypatch.setenv(name, value)  # this test's own DagsterInstance.get()
+    yield Telescope(world, instr1, instr2, buffer, central, obs.site_env(central), tmp_path)
+    for host in ("instr1", "instr2", "buffer", "uplink"):
+        obs.network.shape(host, None)
+    obs.network.set_uplink(True)
+
+
+def _start_sensors(deployment: Deployment, *locations: str) -> None:
+    for location in locations:
+        selector = {
+            "repositoryLocationName": LOCATION,
+            "repositoryName": REPOSITORY,
+            "sensorName": f"package_{location}_sensor",
+        }
+        result = deployment.graphql(START_SENSOR, s=selector)["startSensor"]
+        assert result["__typename"] == "Sensor", result
+
+
+def _finished_runs(instance: dg.DagsterInstance, count: int) -> list[dg.DagsterRun] | None:
+    runs = [r.dagster_run for r in instance.get_run_records()]
+    done = [r for r in runs if r.is_finished]
+    return done if len(runs) >= count and len(done) == len(runs) else None
+
+
+def _completed(telescope: Telescope, count: int) -> list[RawDataPackage] | None:
+    packages = packages_of(telescope.world)
+    done = [p for p in packages if p.status == Status.COMPLETED]
+    return done if len(done) >= count else None
+
+
+def _members(telescope: Telescope, package: RawDataPackage) -> list[str]:
+    root = telescope.world.root(telescope.buffer)  # type: ignore[attr-defined]
+    with tarfile.open(root / package.relative_path) as tar:
+        return tar.getnames()
+
+
+def test_runs_execute_at_the_site_and_package_bytes_cross_only_source_to_buffer_links(
+    obs: Observatory, telescope: Telescope
+) -> None:
+    telescope.group(telescope.instr1, "a", files=2, size=64 * MB)
+    telescope.group(telescope.instr2, "b", files=3, size=40 * MB)
+    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
+    try:
+        with (
+            running_deployment(telescope.central, telescope.logs) as deployment,
+            dg.DagsterInstance.get() as instance,
+        ):
+            before = obs.network.link_bytes()
+            _start_sensors(deployment, "instr1_raw", "instr2_raw")
+            runs = wait_for("two finished runs", lambda: _finished_runs(instance, 2), 240)
+            after = obs.network.link_bytes()
+    finally:
+        worker.stop()
+
+    assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+    assert {r.tags[CELERY_QUEUE_TAG] for r in runs} == {QUEUE}
+    assert {r.tags[SENSOR_NAME_TAG] for r in runs} == {
+        "package_instr1_raw_sensor",
+        "package_instr2_raw_sensor",
+    }
+    packages = {p.source_location_id: p for p in packages_of(telescope.world)}
+    for location, prefix, files in ((telescope.instr1, "a", 2), (telescope.instr2, "b", 3)):
+        package = packages[location]
+        assert_completed_and_intact(telescope.world, telescope.buffer, package)
+        assert _members(telescope, package) == [f"{prefix}/obs_{i:03d}.dat" for i in range(files)]
+    assert leftovers(telescope.world.root(telescope.buffer)) == []  # type: ignore[attr-defined]
+
+    moved = {name: after[name] - before[name] for name in after}
+    p1 = packages[telescope.instr1].size or 0
+    p2 = packages[telescope.instr2].size or 0
+    print({name: (d.received, d.sent) for name, d in moved.items()}, "packages", p1, p2)
+    # Each instrument computer sent its package once (plus TCP/IP and SSH framing, ~5 %) ...
+    for name, size in (("instr1", p1), ("instr2", p2)):
+        assert size <= moved[name].sent <= size * 1.08 + MB, (name, moved[name], size)
+        assert moved[name].received < size * 0.05, (name, moved[name], size)
+    # ... the buffer host received both and sent back only acknowledgements ...
+    assert p1 + p2 <= moved["buffer"].received <= (p1 + p2) * 1.08 + 2 * MB, moved["buffer"]
+    assert moved["buffer"].sent < (p1 + p2) * 0.05, moved["buffer"]
+    # ... and the uplink carried control traffic only.
+    uplink = moved["uplink"].received + moved["uplink"].sent
+    assert uplink < (p1 + p2) * 0.01, (uplink, p1 + p2)
+
