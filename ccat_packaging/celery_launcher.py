@@ -5,9 +5,12 @@ notices a worker that died.
 killed mid-run (power, OOM killer, SIGKILL) never writes a final state, so the task stays
 ``STARTED`` and run monitoring would wait for ``max_runtime_seconds`` (hours) while the dead run
 holds its host's pool slot. Here a ``STARTED`` task is also asked about on the broker: if the
-worker that took it does not answer, or answers without it among its active tasks, the run
-worker is reported as failed, run monitoring fails the run, and the run-retry daemon (or the
-sensor's stale-package resume) takes it from there (``failure_policy``).
+worker that took it answers without it among its active tasks (it was restarted), or has not
+answered for ``worker_silence_seconds``, the run worker is reported as failed, run monitoring
+fails the run, and the run-retry daemon (or the sensor's stale-package resume) takes it from
+there (``failure_policy``). The silence must last because a cut uplink silences a worker that
+is still building: a shorter cut must not fail its run. A longer one does, and the retry waits
+on the package's lock at the buffer until the first build is done, so nothing is built twice.
 
 Workers must use the prefork pool (Celery's default): a worker whose only thread runs the task
 cannot answer the question and would be taken for dead.
@@ -15,6 +18,7 @@ cannot answer the question and would be taken for dead.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import dagster as dg
@@ -27,7 +31,27 @@ INSPECT_TIMEOUT_SECONDS = 5.0
 
 
 class SiteRunLauncher(CeleryRunLauncher):
-    """Configured exactly like ``CeleryRunLauncher`` (docs/examples/dagster-celery.yaml)."""
+    """Configured like ``CeleryRunLauncher`` (docs/examples/dagster-celery.yaml), plus
+    ``worker_silence_seconds``."""
+
+    def __init__(self, *args: Any, worker_silence_seconds: int = 120, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.worker_silence_seconds = worker_silence_seconds
+        self._silent_since: dict[str, float] = {}  # run id: when its worker stopped answering
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        inherited: dict[str, Any] = dict(super().config_type())  # type: ignore[arg-type]
+        return {
+            **inherited,
+            "worker_silence_seconds": dg.Field(
+                int,
+                is_required=False,
+                default_value=120,
+                description="How long the worker of a started run may not answer on the "
+                "broker before the run is failed.",
+            ),
+        }
 
     def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
         health = super().check_run_worker_health(run)
@@ -43,14 +67,19 @@ class SiteRunLauncher(CeleryRunLauncher):
             destination=[worker], timeout=INSPECT_TIMEOUT_SECONDS
         ).active()
         if answer is not None and any(t.get("id") == task_id for t in answer.get(worker, [])):
+            self._silent_since.pop(run.run_id, None)
             return health
         if self.celery.AsyncResult(task_id).state != "STARTED":
+            self._silent_since.pop(run.run_id, None)
             return super().check_run_worker_health(run)  # it finished while we asked
-        why = (
-            "does not answer on the broker"
-            if answer is None or worker not in answer
-            else "answers, but no longer runs this run's task (it was restarted)"
-        )
+        if answer is not None and worker in answer:
+            why = "answers, but no longer runs this run's task (it was restarted)"
+        else:
+            silent = time.monotonic() - self._silent_since.setdefault(run.run_id, time.monotonic())
+            if silent < self.worker_silence_seconds:
+                return health
+            why = f"has not answered on the broker for {silent:.0f} s"
+        self._silent_since.pop(run.run_id, None)
         return CheckRunHealthResult(
             WorkerStatus.FAILED, f"Celery worker {worker} {why}: the run's worker is gone."
         )

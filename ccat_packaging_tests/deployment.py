@@ -52,11 +52,15 @@ CELERY_INSTANCE = REPO / "docs" / "examples" / "dagster-celery.yaml"
 
 
 def write_test_instance(home: Path, production: Path = REPO / "dagster.yaml") -> None:
-    """A production instance file with test timings, same structure otherwise."""
+    """A production instance file with test timings, same structure otherwise: a crashed
+    run's pool slot is freed after seconds instead of minutes."""
     config = yaml.safe_load(production.read_text())
     config["run_queue"]["dequeue_interval_seconds"] = 1
     config["concurrency"]["pools"]["default_limit"] = 1
     config["run_monitoring"]["poll_interval_seconds"] = 2
+    config["run_monitoring"]["free_slots_after_run_end_seconds"] = 5
+    if "run_launcher" in config:
+        config["run_launcher"]["config"]["worker_silence_seconds"] = 30
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 

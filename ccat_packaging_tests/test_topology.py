@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,8 @@ from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.names import CELERY_QUEUE_TAG, SENSOR_NAME_TAG
 from ccat_packaging_tests.deployment import (
     CELERY_INSTANCE,
-    REPOSITORY,
     LOCATION,
+    REPOSITORY,
     Deployment,
     running_deployment,
     wait_for,
@@ -181,3 +182,131 @@ def test_runs_execute_at_the_site_and_package_bytes_cross_only_source_to_buffer_
     uplink = moved["uplink"].received + moved["uplink"].sent
     assert uplink < (p1 + p2) * 0.01, (uplink, p1 + p2)
 
+
+def _runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    return [r.dagster_run for r in instance.get_run_records()]
+
+
+def _failure_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    return [e.message for e in events]
+
+
+def _temporary_archive(telescope: Telescope) -> list[str]:
+    return leftovers(telescope.world.root(telescope.buffer))  # type: ignore[attr-defined]
+
+
+def _assert_one_intact_package(telescope: Telescope) -> None:
+    [package] = packages_of(telescope.world)
+    assert_completed_and_intact(telescope.world, telescope.buffer, package)
+    assert _temporary_archive(telescope) == []
+
+
+def test_a_worker_killed_mid_assembly_is_noticed_and_its_package_completes_once(
+    obs: Observatory, telescope: Telescope
+) -> None:
+    telescope.group(telescope.instr1, "a", files=2, size=64 * MB)
+    obs.network.shape("instr1", 160)  # ~20 MB/s: the assembly takes several seconds
+    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
+    try:
+        with (
+            running_deployment(telescope.central, telescope.logs) as deployment,
+            dg.DagsterInstance.get() as instance,
+        ):
+            _start_sensors(deployment, "instr1_raw")
+            wait_for("a temporary archive", lambda: _temporary_archive(telescope), 120, every=0.1)
+            worker.kill()
+            [first] = _runs(instance)
+            wait_for(
+                "run monitoring to fail the run of the dead worker",
+                lambda: _failure_messages(instance, first.run_id),
+                90,
+            )
+            obs.network.shape("instr1", None)
+            worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
+            wait_for("the package", lambda: _completed(telescope, 1), 180)
+            wait_for("every run to finish", lambda: _finished_runs(instance, 2), 120)
+            runs = _runs(instance)
+    finally:
+        worker.stop()
+    [message] = _failure_messages(instance, first.run_id)
+    assert f"Celery worker {SITE}@buffer has not answered on the broker for" in message
+    later = [r for r in runs if r.run_id != first.run_id]
+    # Dagster's run retry, and perhaps the sensor's resume of the package once its heartbeat
+    # went stale: whichever got the package built it, the other found nothing left to do.
+    assert any(r.parent_run_id == first.run_id for r in later), later
+    assert {r.status for r in later} == {dg.DagsterRunStatus.SUCCESS}
+    _assert_one_intact_package(telescope)
+
+
+def test_runs_queued_while_the_site_worker_is_down_wait_for_it(
+    obs: Observatory, telescope: Telescope
+) -> None:
+    telescope.group(telescope.instr1, "a", files=1, size=8 * MB)
+    telescope.group(telescope.instr2, "b", files=1, size=8 * MB)
+    with (
+        running_deployment(telescope.central, telescope.logs) as deployment,
+        dg.DagsterInstance.get() as instance,
+    ):
+        _start_sensors(deployment, "instr1_raw", "instr2_raw")
+
+        def handed_to_the_broker() -> bool:
+            runs = _runs(instance)
+            return len(runs) == 2 and all(r.status == dg.DagsterRunStatus.STARTING for r in runs)
+
+        wait_for("two runs waiting in the site's queue", handed_to_the_broker, 60)
+        time.sleep(10)  # longer than a run takes: nobody else runs them
+        assert handed_to_the_broker()
+        assert packages_of(telescope.world) == []
+        worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
+        try:
+            runs = wait_for("the two runs", lambda: _finished_runs(instance, 2), 120)
+        finally:
+            worker.stop()
+    assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+    assert len(_completed(telescope, 2) or []) == 2
+
+
+def test_a_broker_restart_loses_neither_the_worker_nor_the_launcher(
+    obs: Observatory, telescope: Telescope
+) -> None:
+    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
+    try:
+        with (
+            running_deployment(telescope.central, telescope.logs) as deployment,
+            dg.DagsterInstance.get() as instance,
+        ):
+            obs.broker.stop()
+            obs.broker.start()
+            telescope.group(telescope.instr1, "a", files=1, size=8 * MB)
+            _start_sensors(deployment, "instr1_raw")
+            [run] = wait_for("the run", lambda: _finished_runs(instance, 1), 180)
+    finally:
+        worker.stop()
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    _assert_one_intact_package(telescope)
+
+
+def test_an_uplink_cut_mid_run_loses_nothing_and_doubles_nothing(
+    obs: Observatory, telescope: Telescope
+) -> None:
+    telescope.group(telescope.instr1, "a", files=2, size=64 * MB)
+    obs.network.shape("instr1", 160)
+    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
+    try:
+        with (
+            running_deployment(telescope.central, telescope.logs) as deployment,
+            dg.DagsterInstance.get() as instance,
+        ):
+            _start_sensors(deployment, "instr1_raw")
+            wait_for("a temporary archive", lambda: _temporary_archive(telescope), 120, every=0.1)
+            obs.network.set_uplink(False)
+            time.sleep(15)  # shorter than the launcher's worker_silence_seconds (30 here)
+            obs.network.set_uplink(True)
+            obs.network.shape("instr1", None)
+            wait_for("the package", lambda: _completed(telescope, 1), 240)
+            runs = wait_for("every run to finish", lambda: _finished_runs(instance, 1), 120)
+    finally:
+        worker.stop()
+    assert runs[-1].status == dg.DagsterRunStatus.SUCCESS, [r.status for r in runs]
+    _assert_one_intact_package(telescope)

@@ -162,8 +162,11 @@ class Network:
         return counters
 
     def set_uplink(self, up: bool) -> None:
-        """Cut the uplink (packets are lost, as on a broken line) or mend it."""
+        """Cut the uplink (packets are lost, as on a broken line) or mend it; a link that goes
+        down takes its routes along, so mending puts the site's route back."""
         _ip("link", "set", self.uplink, "up" if up else "down")
+        if up:
+            _ip("route", "replace", f"10.{self.net}.1.0/24", "via", f"10.{self.net}.0.2")
 
     def shape(self, host: str, mbit: int | None) -> None:
         """Limit what ``host`` (a host's name, or ``uplink``) sends to ``mbit`` Mbit/s with a
