@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ROOT ?= .ccat/demo
 
-.PHONY: demo ui prod-daemon prod-webserver test lint bench clean-demo
+.PHONY: demo ui prod-daemon prod-webserver topology-up topology-down test lint bench clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ prod-daemon: $(BIN)/.installed
 
 prod-webserver: $(BIN)/.installed
 	DAGSTER_BIN=$(abspath $(BIN)) scripts/run-dagster.sh webserver
+
+## The observatory's topology on this machine (as root): instrument computers, buffer host and
+## the site's Celery worker in network namespaces, daemon and webserver here, UI on
+## http://127.0.0.1:$${PORT:-3000} (docs/operations.md, "Where runs execute").
+topology-up: $(BIN)/.installed
+	scripts/test-setup.sh
+	$(BIN)/python -m ccat_packaging_tests.topology_up up
+
+topology-down: $(BIN)/.installed
+	$(BIN)/python -m ccat_packaging_tests.topology_up down
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -95,11 +95,13 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def running_deployment(env: dict[str, str], logs: Path) -> Iterator[Deployment]:
+def running_deployment(
+    env: dict[str, str], logs: Path, port: int | None = None
+) -> Iterator[Deployment]:
     """Daemon and webserver, each in its own process group, stopped (group and all: code
     servers, run workers) on the way out."""
     logs.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {
         **env,
         "DAGSTER_BIN": str(Path(sys.executable).parent),

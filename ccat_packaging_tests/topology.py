@@ -15,7 +15,7 @@ No namespace has a route anywhere else: the hosts reach each other and the centr
 nothing beyond. Every interface's byte counters are read with ``ip -s -j link``, which is how the
 tests prove which links the package bytes crossed.
 
-``python -m ccat_packaging_tests.topology up|down`` (``make topology-up``/``topology-down``)
+``make topology-up`` and ``make topology-down`` (``topology_up.py``)
 brings the same topology up for a person, with the whole deployment on it.
 """
 

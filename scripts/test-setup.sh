@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Machine-level prerequisites of the test suite, idempotent: PostgreSQL running on
-# 127.0.0.1:5432, OpenSSH's server binary for the tests' own sshd processes and Debian's
-# chromium for the end-to-end UI test.
+# 127.0.0.1:5432, OpenSSH's server binary for the tests' own sshd processes, Debian's
+# chromium for the end-to-end UI test, and for the topology tests iproute2 (namespaces, tc)
+# and RabbitMQ's server binary (the tests start a broker node of their own).
 set -euo pipefail
 
 if ! command -v pg_isready >/dev/null || ! pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -16,6 +17,8 @@ missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 # The end-to-end test's browser, driven by Playwright (never `playwright install`).
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
