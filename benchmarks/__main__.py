@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from benchmarks import assembly, discovery, orchestration
+from benchmarks import assembly, discovery, orchestration, topology
 from benchmarks.common import (
     REPO,
     Section,
@@ -34,7 +34,7 @@ BEGIN = "<!-- BEGIN make bench: generated, replaced on every run -->"
 END = "<!-- END make bench -->"
 BEGIN_DETAILS = "<!-- BEGIN make bench details: generated, replaced on every run -->"
 END_DETAILS = "<!-- END make bench details -->"
-ALL = ("assembly", "memory", "discovery", "orchestration")
+ALL = ("assembly", "memory", "discovery", "orchestration", "topology")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             sections += found
         if "discovery" in only:
             sections.append(discovery.run(discovery.Sizes.quick() if args.quick else None))
+        if "topology" in only:
+            quick = topology.Sizes(2, 16 << 20, 1) if args.quick else None
+            sections.append(topology.run(scratch / "topology", quick))
         if "orchestration" in only:
             sections.append(
                 orchestration.run(

@@ -5,12 +5,15 @@ notices a worker that died.
 killed mid-run (power, OOM killer, SIGKILL) never writes a final state, so the task stays
 ``STARTED`` and run monitoring would wait for ``max_runtime_seconds`` (hours) while the dead run
 holds its host's pool slot. Here a ``STARTED`` task is also asked about on the broker: if the
-worker that took it answers without it among its active tasks (it was restarted), or has not
-answered for ``worker_silence_seconds``, the run worker is reported as failed, run monitoring
-fails the run, and the run-retry daemon (or the sensor's stale-package resume) takes it from
-there (``failure_policy``). The silence must last because a cut uplink silences a worker that
-is still building: a shorter cut must not fail its run. A longer one does, and the retry waits
-on the package's lock at the buffer until the first build is done, so nothing is built twice.
+worker that took it answers without it among its active tasks (it was restarted), or has
+stayed silent through every check for ``worker_silence_seconds`` (counted from the first
+unanswered check), the run worker is reported as failed, run monitoring fails the run, and the
+run-retry daemon (or the sensor's stale-package resume) takes it from there
+(``failure_policy``). The silence must last because a cut uplink silences a worker that is
+still building: a shorter cut must not fail its run. After a longer one the first build may
+still be running when the retry starts; the retry then finds the package's lock at the buffer
+held (``busy``, retryable) and backs off, so nothing is built twice. A broker this process
+cannot reach says nothing about the worker: the check then keeps the task's own state.
 
 Workers must use the prefork pool (Celery's default): a worker whose only thread runs the task
 cannot answer the question and would be taken for dead.
@@ -18,6 +21,7 @@ cannot answer the question and would be taken for dead.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -25,16 +29,25 @@ import dagster as dg
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus  # no public name
 from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG
+from kombu.exceptions import OperationalError
 
 # How long the health check waits for the worker's answer on the broker.
 INSPECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_WORKER_SILENCE_SECONDS = 120
+
+log = logging.getLogger(__name__)
 
 
 class SiteRunLauncher(CeleryRunLauncher):
     """Configured like ``CeleryRunLauncher`` (docs/examples/dagster-celery.yaml), plus
     ``worker_silence_seconds``."""
 
-    def __init__(self, *args: Any, worker_silence_seconds: int = 120, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        worker_silence_seconds: int = DEFAULT_WORKER_SILENCE_SECONDS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.worker_silence_seconds = worker_silence_seconds
         self._silent_since: dict[str, float] = {}  # run id: when its worker stopped answering
@@ -47,7 +60,7 @@ class SiteRunLauncher(CeleryRunLauncher):
             "worker_silence_seconds": dg.Field(
                 int,
                 is_required=False,
-                default_value=120,
+                default_value=DEFAULT_WORKER_SILENCE_SECONDS,
                 description="How long the worker of a started run may not answer on the "
                 "broker before the run is failed.",
             ),
@@ -56,6 +69,7 @@ class SiteRunLauncher(CeleryRunLauncher):
     def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
         health = super().check_run_worker_health(run)
         if health.status != WorkerStatus.RUNNING:
+            self._silent_since.pop(run.run_id, None)
             return health
         task_id = run.tags[DAGSTER_CELERY_TASK_ID_TAG]
         started = self.celery.AsyncResult(task_id)
@@ -63,9 +77,13 @@ class SiteRunLauncher(CeleryRunLauncher):
         worker = info.get("hostname") if isinstance(info, dict) else None
         if not worker:
             return health
-        answer = self.celery.control.inspect(
-            destination=[worker], timeout=INSPECT_TIMEOUT_SECONDS
-        ).active()
+        try:
+            answer = self.celery.control.inspect(
+                destination=[worker], timeout=INSPECT_TIMEOUT_SECONDS
+            ).active()
+        except (OperationalError, OSError) as exc:
+            log.warning("cannot ask the broker about worker %s: %s", worker, exc)
+            return health
         if answer is not None and any(t.get("id") == task_id for t in answer.get(worker, [])):
             self._silent_since.pop(run.run_id, None)
             return health

@@ -3,12 +3,14 @@ run tasks, bound to the broker and result backend the launcher uses.
 
 dagster-celery's own worker app reads its broker from a ``dagster_celery_config`` module on the
 path; this one takes the same two URLs as the instance's launcher config, from the environment,
-so a password lives in one variable on each machine and never in a file.
+so a password lives in one variable on each machine and never in a file. Celery configures
+its app when the worker imports this module, so the two are read then.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from dagster_celery.config import DEFAULT_CONFIG
 from dagster_celery.make_app import make_app
@@ -17,10 +19,14 @@ from dagster_celery.tasks import create_execute_job_task, create_resume_job_task
 BROKER_ENV = "CCAT_CELERY_BROKER_URL"
 BACKEND_ENV = "CCAT_CELERY_BACKEND_URL"
 
+_missing = [name for name in (BROKER_ENV, BACKEND_ENV) if not os.environ.get(name)]
+if _missing:  # Celery would quietly fall back to a guest broker on localhost
+    sys.exit(f"set {' and '.join(_missing)} (docs/operations.md, 'Where runs execute')")
+
 app = make_app(
     app_args={
-        "broker": os.environ.get(BROKER_ENV),
-        "backend": os.environ.get(BACKEND_ENV),
+        "broker": os.environ[BROKER_ENV],
+        "backend": os.environ[BACKEND_ENV],
         "include": [],
         "config_source": {
             **DEFAULT_CONFIG,

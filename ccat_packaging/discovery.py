@@ -23,7 +23,7 @@ from ccat_packaging.models import (
     RawDataPackage,
     Status,
 )
-from ccat_packaging.run_placement import queue_overrides, run_queue
+from ccat_packaging.run_placement import check_overrides, queue_overrides, run_queue
 
 _KEY = re.compile(r"^(?P<slug>[A-Za-z0-9_]+)__eou(?P<eou>\d+)__mod(?P<mod>\d+)$")
 
@@ -89,6 +89,17 @@ def source_locations(session: Session) -> list[SourceLocationRef]:
         .options(selectinload(DiskDataLocation.site))
     ).all()
     overrides = queue_overrides()
+    if overrides:
+        check_overrides(
+            overrides,
+            set(
+                session.scalars(
+                    select(DataLocation.name).where(
+                        DataLocation.location_type == LocationType.SOURCE
+                    )
+                )
+            ),
+        )
     refs = [
         SourceLocationRef(
             r.id,

@@ -16,9 +16,9 @@ itself.
 
 from __future__ import annotations
 
-import os
 import re
 
+from ccat_packaging import settings
 from ccat_packaging.errors import ConfigurationError
 
 QUEUES_ENV = "CCAT_RUN_QUEUES"
@@ -32,9 +32,9 @@ def site_queue(site_short_name: str) -> str:
 
 def queue_overrides() -> dict[str, str]:
     """``CCAT_RUN_QUEUES`` as {location name: queue}; a malformed entry is an error, not a
-    silently ignored placement."""
+    silently ignored placement (``check_overrides`` catches names of no location)."""
     overrides: dict[str, str] = {}
-    for entry in filter(None, (e.strip() for e in os.environ.get(QUEUES_ENV, "").split(","))):
+    for entry in filter(None, (e.strip() for e in settings.run_queues().split(","))):
         location, sep, queue = (part.strip() for part in entry.partition("="))
         if not sep or not location or not _QUEUE_NAME.match(queue):
             raise ConfigurationError(
@@ -43,6 +43,15 @@ def queue_overrides() -> dict[str, str]:
             )
         overrides[location] = queue
     return overrides
+
+
+def check_overrides(overrides: dict[str, str], source_location_names: set[str]) -> None:
+    """An override naming no SOURCE location (active or retired) is a typo: say so."""
+    unknown = sorted(set(overrides) - source_location_names)
+    if unknown:
+        raise ConfigurationError(
+            f"{QUEUES_ENV} names no SOURCE location: {', '.join(map(repr, unknown))}"
+        )
 
 
 def run_queue(location_name: str, site_short_name: str, overrides: dict[str, str]) -> str:

@@ -30,6 +30,12 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def run_queues() -> str:
+    """``CCAT_RUN_QUEUES``: per-location Celery queues, ``location name=queue,...``
+    (parsed and checked by ``run_placement``)."""
+    return os.environ.get("CCAT_RUN_QUEUES", "")
+
+
 def sensor_interval_seconds() -> int:
     """Minimum gap between two ticks of a location sensor."""
     return _int("CCAT_SENSOR_INTERVAL_SECONDS", 60)

@@ -127,7 +127,7 @@ def running_deployment(
         yield deployment
     finally:
         for process in processes.values():
-            _stop_group(process)
+            stop_group(process)
 
 
 def _answers(deployment: Deployment) -> bool:
@@ -154,7 +154,7 @@ def _location_loaded(deployment: Deployment) -> bool:
     return False
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
+def stop_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the whole group, SIGKILL to whatever is left after 20 s."""
     group = process.pid
     for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):

@@ -32,6 +32,15 @@ def test_a_malformed_override_is_an_error(monkeypatch: pytest.MonkeyPatch, value
         queue_overrides()
 
 
+def test_an_override_naming_no_source_location_is_an_error(world, monkeypatch) -> None:
+    site = world.site("telescope")
+    world.location(site, "primecam_raw", LocationType.SOURCE)
+    world.location(site, "retired_raw", LocationType.SOURCE, active=False)
+    monkeypatch.setenv(QUEUES_ENV, "retired_raw=q1,primecam-raw=q2")  # a typo in the second
+    with world.session() as s, pytest.raises(ConfigurationError, match="'primecam-raw'"):
+        source_locations(s)
+
+
 def test_every_run_of_a_location_carries_its_queue(world, monkeypatch) -> None:
     monkeypatch.setenv(QUEUES_ENV, "chai_raw=chai_host")
     site = world.site("telescope")

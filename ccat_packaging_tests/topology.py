@@ -29,11 +29,11 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccat_packaging_tests.deployment import free_port, stop_group, wait_for
 from ccat_packaging_tests.sshd import SshServer, keygen, running_sshd
 
 SITE = "telescope"
@@ -147,11 +147,17 @@ class Network:
         """Remove every namespace and link of this prefix (deleting a namespace deletes its
         ends of the veth pairs); safe to call when nothing exists."""
         existing = _ip("netns", "list").split()
+        failed = []
         for namespace in [self.switch, *(h.namespace for h in self.hosts.values())]:
             if namespace in existing:
-                _ip("netns", "del", namespace)
-        with contextlib.suppress(RuntimeError):
+                try:
+                    _ip("netns", "del", namespace)
+                except RuntimeError as exc:  # go on with the others, then say so
+                    failed.append(str(exc))
+        with contextlib.suppress(RuntimeError):  # gone with the switch's namespace, usually
             _ip("link", "del", self.uplink)
+        if failed:
+            raise RuntimeError("; ".join(failed))
 
     def link_bytes(self) -> dict[str, LinkBytes]:
         """Bytes received and sent so far by each host's interface and by the uplink's
@@ -169,36 +175,19 @@ class Network:
             _ip("route", "replace", f"10.{self.net}.1.0/24", "via", f"10.{self.net}.0.2")
 
     def shape(self, host: str, mbit: int | None) -> None:
-        """Limit what ``host`` (a host's name, or ``uplink``) sends to ``mbit`` Mbit/s with a
-        token bucket, or lift the limit."""
+        """Limit what ``host`` sends to ``mbit`` Mbit/s with a token bucket, or lift the limit;
+        ``uplink`` limits both directions of the uplink."""
         if host == "uplink":
-            where = ["tc"]
-            device = self.uplink
+            ends = [(["tc"], self.uplink), (["ip", "netns", "exec", self.switch, "tc"], "wan")]
         else:
-            where = self.hosts[host].command("tc")
-            device = "eth0"
-        if mbit is None:
-            # fails harmlessly when nothing is shaped
-            subprocess.run([*where, "qdisc", "del", "dev", device, "root"], capture_output=True)
-            return
-        subprocess.run(
-            [
-                *where,
-                "qdisc",
-                "replace",
-                "dev",
-                device,
-                "root",
-                "tbf",
-                "rate",
-                f"{mbit}mbit",
-                "burst",
-                "256kb",
-                "latency",
-                "200ms",
-            ],
-            check=True,
-        )
+            ends = [(self.hosts[host].command("tc"), "eth0")]
+        for tc, device in ends:
+            if mbit is None:
+                # fails harmlessly when nothing is shaped
+                subprocess.run([*tc, "qdisc", "del", "dev", device, "root"], capture_output=True)
+                continue
+            bucket = ["tbf", "rate", f"{mbit}mbit", "burst", "256kb", "latency", "200ms"]
+            subprocess.run([*tc, "qdisc", "replace", "dev", device, "root", *bucket], check=True)
 
 
 def _counters(namespace: list[str], device: str) -> LinkBytes:
@@ -260,9 +249,10 @@ class Relay:
 
     def close(self) -> None:
         self._closing = True
-        self._thread.join(5)
+        self._thread.join()  # the loop looks at _closing at least every 0.2 s
         for sock in [self._server, *self._peers]:
             sock.close()
+        self._selector.close()
 
 
 @dataclass
@@ -289,7 +279,7 @@ class Broker:
             "HOME": str(self.directory),  # its own Erlang cookie
             "RABBITMQ_NODENAME": f"ccat{self.port}@localhost",
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(_free_loopback_port()),
+            "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.directory / "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "plugins"),
@@ -316,43 +306,25 @@ class Broker:
 def wait_for_port(
     address: tuple[str, int], timeout: float, process: subprocess.Popen[bytes], log: Path
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
+    def listening() -> bool:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"exited before listening on {address[0]}:{address[1]}:\n{tail}")
+        with contextlib.suppress(OSError):
             socket.create_connection(address, timeout=0.5).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                raise RuntimeError(
-                    f"nothing listens on {address[0]}:{address[1]}:\n{tail}"
-                ) from None
-            time.sleep(0.2)
+            return True
+        return False
 
-
-def stop_group(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM to the process's group, SIGKILL after ``grace`` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # what outlived its leader
+    wait_for(f"a listener on {address[0]}:{address[1]}", listening, timeout, every=0.2)
 
 
 @contextlib.contextmanager
 def relays(network: Network, ports: dict[int, int]) -> Iterator[None]:
     """For each (central port: loopback port) a relay on the uplink's central address."""
-    opened = [Relay((network.central, port), ("127.0.0.1", loop)) for port, loop in ports.items()]
-    try:
+    with contextlib.ExitStack() as stack:
+        for port, loop in ports.items():
+            stack.callback(Relay((network.central, port), ("127.0.0.1", loop)).close)
         yield
-    finally:
-        for relay in opened:
-            relay.close()
 
 
 @contextlib.contextmanager
@@ -371,13 +343,18 @@ class Worker:
 
     process: subprocess.Popen[bytes]
     log: Path
+    offset: int  # where this start's lines begin in a log shared with earlier starts
 
     def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while b" ready." not in (self.log.read_bytes() if self.log.exists() else b""):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        def ready() -> bool:
+            with open(self.log, "rb") as log:
+                log.seek(self.offset)
+                written = log.read()
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the worker exited:\n{written.decode(errors='replace')}")
+            return b" ready." in written
+
+        wait_for("the worker to be ready", ready, timeout, every=0.3)
 
     def kill(self) -> None:
         """SIGKILL the worker and every process it started, as a crash of its host would."""
@@ -386,7 +363,7 @@ class Worker:
         self.process.wait(10)
 
     def stop(self) -> None:
-        stop_group(self.process, grace=20)
+        stop_group(self.process)
 
 
 @dataclass
@@ -449,6 +426,7 @@ class Observatory:
     def start_worker(self, env: dict[str, str], log: Path, host: str = "buffer") -> Worker:
         log.parent.mkdir(parents=True, exist_ok=True)
         script = str(Path(__file__).resolve().parent.parent / "scripts" / "run-dagster.sh")
+        offset = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 self.network.hosts[host].command(script, "worker"),
@@ -458,8 +436,12 @@ class Observatory:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        worker = Worker(process, log)
-        worker.wait_ready()
+        worker = Worker(process, log, offset)
+        try:
+            worker.wait_ready()
+        except BaseException:
+            worker.kill()
+            raise
         return worker
 
 
@@ -469,7 +451,7 @@ def observatory(directory: Path, prefix: str, net: int) -> Iterator[Observatory]
     directory.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         network = stack.enter_context(network_up(prefix, net))
-        broker = Broker(directory / "broker", _free_loopback_port())
+        broker = Broker(directory / "broker", free_port())
         stack.callback(broker.stop)
         broker.start()
         stack.enter_context(relays(network, {5432: 5432, broker.port: broker.port}))
@@ -490,9 +472,3 @@ def observatory(directory: Path, prefix: str, net: int) -> Iterator[Observatory]
         known_hosts = directory / "known_hosts"
         known_hosts.write_text("".join(f"{s.known_hosts_line}\n" for s in servers.values()))
         yield Observatory(directory, network, broker, servers, client_key, known_hosts)
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

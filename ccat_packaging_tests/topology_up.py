@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
@@ -128,16 +129,29 @@ def up() -> int:
     return 0
 
 
+def _is_supervisor(pid: int) -> bool:
+    """True while ``pid`` is our supervisor (not a process that got its number since)."""
+    try:
+        return b"ccat_packaging_tests.topology_up" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def down() -> int:
     pid_file = STATE / "pid"
     if pid_file.exists():
         pid = int(pid_file.read_text())
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(120):
-                os.kill(pid, 0)
+        if _is_supervisor(pid):
+            os.kill(pid, signal.SIGTERM)  # it tears everything down on its way out
+            deadline = time.monotonic() + 60
+            while _is_supervisor(pid) and time.monotonic() < deadline:
                 time.sleep(0.5)
-            os.killpg(pid, signal.SIGKILL)
+            if _is_supervisor(pid):
+                os.kill(pid, signal.SIGKILL)
+                print(
+                    "the supervisor did not stop within 60 s and was killed: its broker, worker, "
+                    "daemon and webserver may still run (ps -ef | grep -e celery -e dagster)"
+                )
         pid_file.unlink()
     Network(PREFIX, NET).destroy()  # what a killed supervisor left behind
     (STATE / "ready").unlink(missing_ok=True)
