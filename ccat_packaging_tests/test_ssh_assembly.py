@@ -9,6 +9,7 @@ end in ``test_ssh_job.py``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import tarfile
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from ccat_packaging.assembly import archive
@@ -571,3 +573,24 @@ def test_errors_name_location_and_host(
         PackagingError, match=r"location 'src' on root@127\.0\.0\.2:\d+: source root"
     ):
         archive.assemble(hosts, plan, dest)
+
+
+def test_paramiko_starts_no_key_exchange_within_a_package(
+    hosts: AssemblyHosts,
+    ssh_lab: SshLab,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """paramiko re-keys every 512 MiB (here: every 4 MiB) and deadlocks when the agent's
+    channel closes during that exchange, so our connections leave re-keying to the server."""
+    monkeypatch.setattr(paramiko.Packetizer, "REKEY_BYTES", 4 << 20)
+    members = sparse_tree(tmp_path / "src", files=4, size=16 << 20)
+    (tmp_path / "buf").mkdir()
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(tmp_path / "src", "src"), local(tmp_path / "buf"), members
+    )
+    with caplog.at_level(logging.DEBUG, logger="paramiko.transport"):
+        built = archive.assemble(hosts, plan, dest)
+    assert built.size > 64 << 20
+    assert [r.message for r in caplog.records if "Rekeying" in r.message] == []

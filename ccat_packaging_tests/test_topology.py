@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from ccat_packaging.assembly import tar_agent
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.names import CELERY_QUEUE_TAG, SENSOR_NAME_TAG
 from ccat_packaging_tests.deployment import (
@@ -136,6 +137,23 @@ def _members(telescope: Telescope, package: RawDataPackage) -> list[str]:
         return tar.getnames()
 
 
+def _local_build(telescope: Telescope, location: int, members: list[str]) -> str:
+    """The checksum of the same members built here, in this process, by the same agent."""
+    root = telescope.world.root(location)
+    (telescope.logs / "local_build").mkdir(exist_ok=True)
+    built = tar_agent.build(
+        tar_agent.BuildSpec(
+            source_root=str(root),
+            members=[[m, (root / m).stat().st_size] for m in members],
+            dest_root=str(telescope.logs / "local_build"),
+            dest_relative="local.tar",
+            checksums={},
+        )
+    )
+    Path(built["temp_path"]).unlink()
+    return built["checksum"]
+
+
 def test_runs_execute_at_the_site_and_package_bytes_cross_only_source_to_buffer_links(
     obs: Observatory, telescope: Telescope
 ) -> None:
@@ -164,7 +182,9 @@ def test_runs_execute_at_the_site_and_package_bytes_cross_only_source_to_buffer_
     for location, prefix, files in ((telescope.instr1, "a", 2), (telescope.instr2, "b", 3)):
         package = packages[location]
         assert_completed_and_intact(telescope.world, telescope.buffer, package)
-        assert _members(telescope, package) == [f"{prefix}/obs_{i:03d}.dat" for i in range(files)]
+        members = [f"{prefix}/obs_{i:03d}.dat" for i in range(files)]
+        assert _members(telescope, package) == members
+        assert package.checksum == _local_build(telescope, location, members)
     assert leftovers(telescope.world.root(telescope.buffer)) == []
 
     moved = {name: after[name] - before[name] for name in after}

@@ -195,6 +195,7 @@ class _Session:
             self._check_host_keys(connection.client, where)
             connection.open()
             connection.transport.set_keepalive(settings.keepalive_seconds)
+            _rekey_like_openssh(connection.transport)
         except paramiko.BadHostKeyException as exc:
             _discard(connection)
             raise HostKeyError(
@@ -274,6 +275,16 @@ class _Session:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def _rekey_like_openssh(transport: paramiko.Transport) -> None:
+    """Leave re-keying to the server (OpenSSH's sshd re-keys every 1 to 4 GB by default)
+    instead of paramiko's own every 512 MiB. paramiko answers a channel closing during a key
+    exchange from its transport thread, which then waits for that same exchange to end:
+    deadlocked for 30 s, then the connection dies. An agent finishing its stream just after
+    paramiko began a re-key hit that (a 1 GiB package ends right at the second one); what
+    remains, a server's re-key overlapping a close, is rarer and fails as retryable."""
+    transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 1 << 36
 
 
 def _discard(connection: Connection) -> None:
