@@ -53,8 +53,9 @@ test: lint
 	scripts/test-setup.sh
 	$(BIN)/pytest
 
-## Benchmarks (as root, ~8 minutes): assembly throughput and memory, discovery at 1 M files,
-## orchestration overhead; prints the table and writes it into docs/performance.md.
+## Benchmarks (as root, ~14 minutes): assembly throughput and memory, discovery at 1 M files,
+## orchestration overhead, packages through the topology; prints the table and writes it into
+## docs/performance.md.
 bench: $(BIN)/.installed
 	scripts/test-setup.sh
 	$(BIN)/python -m benchmarks

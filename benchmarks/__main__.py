@@ -1,11 +1,12 @@
 """Run the benchmarks, print the table, and write it into docs/performance.md.
 
 ``python -m benchmarks`` (``make bench``) runs all of them at the sizes the report is about, in
-under ten minutes on the 2-core reference machine; ``--only`` picks some, ``--quick`` shrinks
-every size for a smoke test (its numbers say nothing and are not written to the report unless
+10 to 14 minutes on the 2-core reference machine; ``--only`` picks some, ``--quick`` shrinks every
+size for a smoke test (its numbers say nothing and are not written to the report unless
 ``--write`` is given). Run as root from the repository root: it drops the page cache and starts
 private sshd processes. Everything it creates (scratch directories under /var/tmp, scratch
-PostgreSQL databases, sshd and Dagster processes) is removed when it ends, failed or not.
+PostgreSQL databases, network namespaces, sshd, RabbitMQ and Dagster processes) is removed when
+it ends, failed or not.
 """
 
 from __future__ import annotations

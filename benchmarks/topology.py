@@ -24,6 +24,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -97,21 +98,24 @@ def _probes(obs: Observatory, probes: list[Probe]) -> dict[str, float]:
     command = obs.network.hosts["buffer"].command(
         sys.executable, "-m", "benchmarks.topology", "probe"
     )
-    running: list[subprocess.Popen[str]] = []
+    running = [
+        subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in probes
+    ]
     try:
-        for p in probes:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+        with ThreadPoolExecutor(len(running)) as pool:  # all are fed before any is waited for
+            answers = list(
+                pool.map(
+                    lambda pair: pair[0].communicate(json.dumps(pair[1]), timeout=1800),
+                    zip(running, probes, strict=True),
+                )
             )
-            running.append(process)
-            assert process.stdin is not None
-            process.stdin.write(json.dumps(p))
-            process.stdin.close()  # all of them start before any is waited for
-        answers = [process.communicate(timeout=1800) for process in running]
     finally:
         for process in running:
             if process.poll() is None:
