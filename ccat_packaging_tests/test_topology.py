@@ -8,6 +8,7 @@ the broker and the hosts' sshd are shared by the module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
 import time
@@ -37,7 +38,7 @@ from ccat_packaging_tests.package_checks import (
     leftovers,
     packages_of,
 )
-from ccat_packaging_tests.topology import SITE, Observatory, observatory
+from ccat_packaging_tests.topology import SITE, Observatory, Worker, observatory
 from ccat_packaging_tests.world import Group, World
 
 pytestmark = pytest.mark.topology
@@ -119,6 +120,54 @@ def _start_sensors(deployment: Deployment, *locations: str) -> None:
         assert result["__typename"] == "Sensor", result
 
 
+@dataclass
+class SiteWorker:
+    """The site's worker across its restarts: whichever runs at the end is stopped."""
+
+    obs: Observatory
+    telescope: Telescope
+    current: Worker | None = None
+
+    def start(self) -> None:
+        self.current = self.obs.start_worker(
+            self.telescope.site, self.telescope.logs / "worker.log"
+        )
+
+    def kill(self) -> None:
+        assert self.current is not None
+        self.current.kill()
+        self.current = None
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@contextlib.contextmanager
+def _deployed(
+    obs: Observatory, telescope: Telescope, *, worker_up: bool = True
+) -> Iterator[tuple[Deployment, dg.DagsterInstance, SiteWorker]]:
+    """The central deployment, this test's view of its instance, and the site's worker."""
+    worker = SiteWorker(obs, telescope)
+    try:
+        if worker_up:
+            worker.start()
+        with (
+            running_deployment(telescope.central, telescope.logs) as deployment,
+            dg.DagsterInstance.get() as instance,
+        ):
+            yield deployment, instance, worker
+    finally:
+        worker.stop()
+
+
+def _slow_package_in_flight(telescope: Telescope, deployment: Deployment) -> None:
+    """instr1's package (128 MiB at ~20 MB/s: several seconds) being written at the buffer."""
+    _start_sensors(deployment, "instr1_raw")
+    wait_for("a temporary archive", lambda: _temporary_archive(telescope), 120, every=0.1)
+
+
 def _finished_runs(instance: dg.DagsterInstance, count: int) -> list[dg.DagsterRun] | None:
     runs = [r.dagster_run for r in instance.get_run_records()]
     done = [r for r in runs if r.is_finished]
@@ -159,18 +208,11 @@ def test_runs_execute_at_the_site_and_package_bytes_cross_only_source_to_buffer_
 ) -> None:
     telescope.group(telescope.instr1, "a", files=2, size=64 * MB)
     telescope.group(telescope.instr2, "b", files=3, size=40 * MB)
-    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-    try:
-        with (
-            running_deployment(telescope.central, telescope.logs) as deployment,
-            dg.DagsterInstance.get() as instance,
-        ):
-            before = obs.network.link_bytes()
-            _start_sensors(deployment, "instr1_raw", "instr2_raw")
-            runs = wait_for("two finished runs", lambda: _finished_runs(instance, 2), 240)
-            after = obs.network.link_bytes()
-    finally:
-        worker.stop()
+    with _deployed(obs, telescope) as (deployment, instance, _):
+        before = obs.network.link_bytes()
+        _start_sensors(deployment, "instr1_raw", "instr2_raw")
+        runs = wait_for("two finished runs", lambda: _finished_runs(instance, 2), 240)
+        after = obs.network.link_bytes()
 
     assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
     assert {r.tags[CELERY_QUEUE_TAG] for r in runs} == {QUEUE}
@@ -235,33 +277,25 @@ def test_a_worker_killed_mid_assembly_is_noticed_and_its_package_completes_once(
     obs: Observatory, telescope: Telescope, comes_back: str, noticed: str
 ) -> None:
     telescope.group(telescope.instr1, "a", files=2, size=64 * MB)
-    obs.network.shape("instr1", 160)  # ~20 MB/s: the assembly takes several seconds
-    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-    try:
-        with (
-            running_deployment(telescope.central, telescope.logs) as deployment,
-            dg.DagsterInstance.get() as instance,
-        ):
-            _start_sensors(deployment, "instr1_raw")
-            wait_for("a temporary archive", lambda: _temporary_archive(telescope), 120, every=0.1)
-            worker.kill()
-            [first] = _runs(instance)
-            if comes_back == "at once":
-                worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-            wait_for(
-                "run monitoring to fail the run of the dead worker",
-                lambda: _failure_messages(instance, first.run_id),
-                90,
-            )
-            obs.network.shape("instr1", None)
-            if comes_back == "after":
-                worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-            wait_for("the package", lambda: _completed(telescope, 1), 180)
-            wait_for("every run to finish", lambda: _finished_runs(instance, 2), 120)
-            runs = _runs(instance)
-            [message] = _failure_messages(instance, first.run_id)
-    finally:
-        worker.stop()
+    obs.network.shape("instr1", 160)
+    with _deployed(obs, telescope) as (deployment, instance, worker):
+        _slow_package_in_flight(telescope, deployment)
+        worker.kill()
+        [first] = _runs(instance)
+        if comes_back == "at once":
+            worker.start()
+        wait_for(
+            "run monitoring to fail the run of the dead worker",
+            lambda: _failure_messages(instance, first.run_id),
+            90,
+        )
+        obs.network.shape("instr1", None)
+        if comes_back == "after":
+            worker.start()
+        wait_for("the package", lambda: _completed(telescope, 1), 180)
+        wait_for("every run to finish", lambda: _finished_runs(instance, 2), 120)
+        runs = _runs(instance)
+        [message] = _failure_messages(instance, first.run_id)
     assert noticed in message
     later = [r for r in runs if r.run_id != first.run_id]
     # Dagster's run retry, and perhaps the sensor's resume of the package once its heartbeat
@@ -276,10 +310,7 @@ def test_runs_queued_while_the_site_worker_is_down_wait_for_it(
 ) -> None:
     telescope.group(telescope.instr1, "a", files=1, size=8 * MB)
     telescope.group(telescope.instr2, "b", files=1, size=8 * MB)
-    with (
-        running_deployment(telescope.central, telescope.logs) as deployment,
-        dg.DagsterInstance.get() as instance,
-    ):
+    with _deployed(obs, telescope, worker_up=False) as (deployment, instance, worker):
         _start_sensors(deployment, "instr1_raw", "instr2_raw")
 
         def handed_to_the_broker() -> bool:
@@ -290,11 +321,8 @@ def test_runs_queued_while_the_site_worker_is_down_wait_for_it(
         time.sleep(10)  # longer than a run takes: nobody else runs them
         assert handed_to_the_broker()
         assert packages_of(telescope.world) == []
-        worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-        try:
-            runs = wait_for("the two runs", lambda: _finished_runs(instance, 2), 120)
-        finally:
-            worker.stop()
+        worker.start()
+        runs = wait_for("the two runs", lambda: _finished_runs(instance, 2), 120)
     assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
     assert len(_completed(telescope, 2) or []) == 2
 
@@ -302,19 +330,12 @@ def test_runs_queued_while_the_site_worker_is_down_wait_for_it(
 def test_a_broker_restart_loses_neither_the_worker_nor_the_launcher(
     obs: Observatory, telescope: Telescope
 ) -> None:
-    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-    try:
-        with (
-            running_deployment(telescope.central, telescope.logs) as deployment,
-            dg.DagsterInstance.get() as instance,
-        ):
-            obs.broker.stop()
-            obs.broker.start()
-            telescope.group(telescope.instr1, "a", files=1, size=8 * MB)
-            _start_sensors(deployment, "instr1_raw")
-            [run] = wait_for("the run", lambda: _finished_runs(instance, 1), 180)
-    finally:
-        worker.stop()
+    with _deployed(obs, telescope) as (deployment, instance, _):
+        obs.broker.stop()
+        obs.broker.start()
+        telescope.group(telescope.instr1, "a", files=1, size=8 * MB)
+        _start_sensors(deployment, "instr1_raw")
+        [run] = wait_for("the run", lambda: _finished_runs(instance, 1), 180)
     assert run.status == dg.DagsterRunStatus.SUCCESS
     _assert_one_intact_package(telescope)
 
@@ -324,23 +345,15 @@ def test_an_uplink_cut_mid_run_loses_nothing_and_doubles_nothing(
 ) -> None:
     telescope.group(telescope.instr1, "a", files=2, size=64 * MB)
     obs.network.shape("instr1", 160)
-    worker = obs.start_worker(telescope.site, telescope.logs / "worker.log")
-    try:
-        with (
-            running_deployment(telescope.central, telescope.logs) as deployment,
-            dg.DagsterInstance.get() as instance,
-        ):
-            _start_sensors(deployment, "instr1_raw")
-            wait_for("a temporary archive", lambda: _temporary_archive(telescope), 120, every=0.1)
-            obs.network.set_uplink(False)
-            time.sleep(15)  # shorter than the launcher's worker_silence_seconds (30 here)
-            obs.network.set_uplink(True)
-            obs.network.shape("instr1", None)
-            wait_for("the package", lambda: _completed(telescope, 1), 240)
-            [run] = wait_for("the run to finish", lambda: _finished_runs(instance, 1), 120)
-            failures = _failure_messages(instance, run.run_id)
-    finally:
-        worker.stop()
+    with _deployed(obs, telescope) as (deployment, instance, _):
+        _slow_package_in_flight(telescope, deployment)
+        obs.network.set_uplink(False)
+        time.sleep(15)  # shorter than the launcher's worker_silence_seconds (30 here)
+        obs.network.set_uplink(True)
+        obs.network.shape("instr1", None)
+        wait_for("the package", lambda: _completed(telescope, 1), 240)
+        [run] = wait_for("the run to finish", lambda: _finished_runs(instance, 1), 120)
+        failures = _failure_messages(instance, run.run_id)
     # The one run rode the outage out: monitoring did not take the silent worker for dead.
     assert run.status == dg.DagsterRunStatus.SUCCESS
     assert failures == []
