@@ -201,6 +201,48 @@ def test_filed_checksums_are_checked_in_the_same_pass(tmp_path: Path, alg: str, 
     assert _leftovers(tmp_path / "buf") == []
 
 
+@pytest.mark.parametrize(
+    ("alg", "form"),
+    [
+        ("sha256", lambda hex_: f"sha256:{hex_}"),
+        ("SHA256", lambda hex_: hex_.upper()),
+        ("sha256", lambda hex_: f"SHA256:{hex_.upper()}"),
+        ("sha256", lambda hex_: f" {hex_}\n"),
+    ],
+)
+def test_filed_checksums_in_every_form_of_the_operations_database_are_understood(
+    tmp_path: Path, alg: str, form
+) -> None:
+    data = os.urandom(3000)
+    filed = form(hashlib.sha256(data).hexdigest())
+    built = _build_checked(tmp_path, data, data, alg, filed)
+    assert Path(built["temp_path"]).exists()
+    altered = b"X" + data[1:]
+    with pytest.raises(AgentError, match="altered since filing"):
+        _build_checked(tmp_path, data, altered, alg, filed)
+
+
+@pytest.mark.parametrize(
+    "filed",
+    [
+        "md5:" + "0" * 64,  # a prefix naming another algorithm
+        "0" * 63,  # too short
+        "z" * 64,  # not hex
+        "",
+        "sha256:",
+    ],
+)
+def test_a_filed_checksum_in_an_unknown_form_is_a_filing_error_not_an_alteration(
+    tmp_path: Path, filed: str
+) -> None:
+    with pytest.raises(AgentError) as info:
+        _build_checked(tmp_path, b"abc", b"abc", "sha256", filed)
+    assert info.value.kind == "source_file"
+    assert "'f.dat' is not one" in info.value.message
+    assert "altered" not in info.value.message
+    assert _leftovers(tmp_path / "buf") == []
+
+
 def test_an_unknown_checksum_algorithm_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="unknown algorithm") as info:
         _build_checked(tmp_path, b"abc", b"abc", "crc99", "00")

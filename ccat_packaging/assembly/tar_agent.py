@@ -626,12 +626,15 @@ def _write_archive(
 
 
 class _MemberCheck:
-    """A member's filed checksum, compared with the checksum of the bytes put in the archive."""
+    """A member's filed checksum, compared with the checksum of the bytes put in the archive.
 
-    def __init__(self, relative: str, algorithm: str, expected: str) -> None:
+    The operations database holds checksums as bare hex beside their algorithm, in either case,
+    or as ``<algorithm>:<hex>``; any other form is a filing error, reported as such, so that it
+    is never mistaken for a file altered since filing."""
+
+    def __init__(self, relative: str, algorithm: str, filed: str) -> None:
         self.relative = relative
-        self.algorithm = algorithm.lower()
-        self.expected = expected.lower()
+        self.algorithm = algorithm.strip().lower()
         try:
             self.hasher: Any = (
                 _Adler32() if self.algorithm == "adler32" else hashlib.new(self.algorithm)
@@ -640,6 +643,16 @@ class _MemberCheck:
             raise AgentError(
                 "config", f"filed checksum of {relative!r} uses unknown algorithm {algorithm!r}"
             ) from None
+        width = 2 * (self.hasher.digest_size or 0)
+        prefix, colon, digits = filed.strip().lower().rpartition(":")
+        if (colon and prefix != self.algorithm) or not _is_hex(digits, width):
+            raise AgentError(
+                "source_file",
+                f"the filed {self.algorithm} checksum of {relative!r} is not one: {filed!r} "
+                f"(expected {width or 'fixed-length'} hex digits, optionally after "
+                f"'{self.algorithm}:'); correct the filing",
+            )
+        self.expected = digits
 
     def problem(self) -> str | None:
         actual = self.hasher.hexdigest()
@@ -651,8 +664,14 @@ class _MemberCheck:
         )
 
 
+def _is_hex(digits: str, width: int) -> bool:
+    return width > 0 and len(digits) == width and all(c in "0123456789abcdef" for c in digits)
+
+
 class _Adler32:
     """zlib's adler32 behind hashlib's interface (what Rucio and FTS verify)."""
+
+    digest_size = 4
 
     def __init__(self) -> None:
         self._value = 1
