@@ -51,6 +51,23 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
 CELERY_INSTANCE = REPO / "docs" / "examples" / "dagster-celery.yaml"
 
 
+def start_in_own_session(
+    argv: list[str], env: dict[str, str], log: Path, cwd: Path = REPO
+) -> subprocess.Popen[bytes]:
+    """``argv`` as the leader of a process group of its own (``stop_group`` stops all of it),
+    its output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def write_test_instance(home: Path, production: Path = REPO / "dagster.yaml") -> None:
     """A production instance file with test timings, same structure otherwise: a crashed
     run's pool slot is freed after seconds instead of minutes."""
@@ -111,16 +128,9 @@ def running_deployment(
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name in ("daemon", "webserver"):
-            with open(logs / f"{name}.log", "wb") as log:
-                processes[name] = subprocess.Popen(
-                    [str(REPO / "scripts" / "run-dagster.sh"), name],
-                    cwd=REPO,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            processes[name] = start_in_own_session(
+                [str(REPO / "scripts" / "run-dagster.sh"), name], env, logs / f"{name}.log"
+            )
         deployment = Deployment(port, processes, logs)
         wait_for("the webserver", lambda: _answers(deployment), timeout=90)
         wait_for("the code location", lambda: _location_loaded(deployment), timeout=90)

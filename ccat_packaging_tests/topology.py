@@ -33,7 +33,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccat_packaging_tests.deployment import free_port, stop_group, wait_for
+from ccat_packaging_tests.deployment import (
+    REPO,
+    free_port,
+    start_in_own_session,
+    stop_group,
+    wait_for,
+)
 from ccat_packaging_tests.sshd import SshServer, keygen, running_sshd
 
 SITE = "telescope"
@@ -285,16 +291,12 @@ class Broker:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "plugins"),
             "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq"),
         }
-        with open(self.directory / "broker.log", "ab") as log:
-            self.process = subprocess.Popen(
-                ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
-                cwd=self.directory,  # where a crash dump lands
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = start_in_own_session(
+            ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+            env,
+            self.directory / "broker.log",
+            cwd=self.directory,  # where a crash dump lands
+        )
         wait_for_port(("127.0.0.1", self.port), 60, self.process, self.directory / "broker.log")
 
     def stop(self) -> None:
@@ -425,17 +427,9 @@ class Observatory:
 
     def start_worker(self, env: dict[str, str], log: Path, host: str = "buffer") -> Worker:
         log.parent.mkdir(parents=True, exist_ok=True)
-        script = str(Path(__file__).resolve().parent.parent / "scripts" / "run-dagster.sh")
         offset = log.stat().st_size if log.exists() else 0
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                self.network.hosts[host].command(script, "worker"),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        script = str(REPO / "scripts" / "run-dagster.sh")
+        process = start_in_own_session(self.network.hosts[host].command(script, "worker"), env, log)
         worker = Worker(process, log, offset)
         try:
             worker.wait_ready()
