@@ -183,6 +183,32 @@ def _step_times(instance: dg.DagsterInstance, run_id: str, step: str) -> list[fl
     return [e.timestamp for e in events if str(e.step_key).startswith(step)]
 
 
+def _both_wait_for_the_pool(instance: dg.DagsterInstance, backfill_id: str) -> bool:
+    runs = {r.dagster_run.run_id for r in _runs(instance, **{"dagster/backfill": backfill_id})}
+    pending = instance.event_log_storage.get_concurrency_info(POOL).pending_run_ids
+    return len(runs) == 2 and runs <= pending
+
+
+def _pool_report(instance: dg.DagsterInstance, deployment: Deployment, backfill_id: str) -> str:
+    """What a timeout around the pool needs explained: the backfill, the pool's holders and
+    waiters, every run's status, and what the daemon itself complained of (CI keeps no
+    artifacts)."""
+    backfill = instance.get_backfill(backfill_id)
+    info = instance.event_log_storage.get_concurrency_info(POOL)
+    lines = [
+        f"backfill {backfill_id}: {backfill.status if backfill else 'not found'}",
+        f"pool {POOL}: limit {info.limit}, claimed {info.claimed_slots}",
+        f"pending steps: {info.pending_steps}",
+    ]
+    for record in instance.get_run_records():
+        run = record.dagster_run
+        tags = {k: v for k, v in run.tags.items() if k in ("dagster/partition", "dagster/backfill")}
+        lines.append(f"run {run.run_id} {run.status.value} {tags}")
+    log = (deployment.logs / "daemon.log").read_text(errors="replace").splitlines()
+    lines += [line for line in log if "dagster.daemon" in line and "INFO" not in line][-30:]
+    return "\n".join(lines)
+
+
 def _assert_assemblies_one_at_a_time(
     instance: dg.DagsterInstance, runs: list[dg.RunRecord]
 ) -> None:
@@ -263,11 +289,16 @@ def test_sensors_backfill_reexecution_and_the_ui(
         )["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         backfill_id = launched["backfillId"]
-        wait_for(
-            "both backfill runs to wait for the pool",
-            lambda: len(storage.get_concurrency_info(POOL).pending_run_ids) == 2,
-            timeout=90,
-        )
+        try:
+            wait_for(
+                "both backfill runs to wait for the pool",
+                lambda: _both_wait_for_the_pool(instance, backfill_id),
+                timeout=180,
+            )
+        except TimeoutError as timeout:
+            raise AssertionError(
+                f"{timeout}\n{_pool_report(instance, deployment, backfill_id)}"
+            ) from None
         time.sleep(2)
         backfill_runs = _runs(instance, **{"dagster/backfill": backfill_id})
         assert len(backfill_runs) == 2
