@@ -2,8 +2,9 @@
 
 The rule: a site's active disk BUFFERs in order of preference (lowest ``priority`` number
 first, ties by lowest id), and the package goes to the first of them that can take it. A buffer
-that is full, or whose host cannot be reached, is passed over for the next one (failover); the
-assembled archive names the buffer actually used, and nothing names a buffer before that.
+that is full, refuses writes, or whose host cannot be reached, is passed over for the next one
+(failover); the assembled archive names the buffer actually used, and nothing names a buffer
+before that.
 No active buffer at all is a configuration error, never a reason to skip quietly.
 """
 
@@ -21,6 +22,7 @@ from ccat_packaging.errors import (
     ConfigurationError,
     HostUnreachableError,
     InsufficientSpaceError,
+    LocationNotWritableError,
     NoActiveBufferError,
 )
 from ccat_packaging.models import DataLocation, DiskDataLocation, LocationType, Site
@@ -70,7 +72,7 @@ def assemble_at_first_usable_buffer(
     for buffer in buffers:
         try:
             return archive.assemble(hosts, plan, buffer)
-        except InsufficientSpaceError as exc:
+        except (InsufficientSpaceError, LocationNotWritableError) as exc:
             problems.append(f"{buffer.location_name}: {exc}")
         except HostUnreachableError as exc:
             if exc.host != buffer.host or buffer.host == plan.source.host:

@@ -63,7 +63,22 @@ class UnsafePathError(PackagingError):
 
 
 class InsufficientSpaceError(PackagingError):
-    pass
+    """The buffer has not the room for the package (the next buffer may have)."""
+
+
+class LocationNotWritableError(PackagingError):
+    """The buffer refuses writes: no permission, or a read-only file system (the next buffer
+    may take the package)."""
+
+
+class DestinationExistsError(PackagingError):
+    """Something that is not this package stands at the archive's final path; it is never
+    overwritten, and trying again cannot help."""
+
+
+class StorageError(RetryableError):
+    """A disk or network file system failed an operation (I/O error, stale NFS handle, timed
+    out): often passing, so worth another attempt."""
 
 
 class ArchiveVerificationError(PackagingError):

@@ -9,6 +9,7 @@ is safe to run again: one that finds its package already completed does nothing.
 leads to is ``failure_policy``'s decision, applied to every op by ``op_failures``.
 """
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +21,6 @@ from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.buffer_choice import assemble_at_first_usable_buffer, buffer_candidates
 from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.discovery import GroupKey, SourceLocationRef
-from ccat_packaging.errors import PackagingError
 from ccat_packaging.models import RawDataPackage, Status
 from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.registration import (
@@ -117,12 +117,9 @@ def checksum(
     plan, archive = built.plan, built.archive
     if archive is None:
         return built
-    with op_failures.handled(context, ops_db, plan):
-        try:
-            assembly.verify(assembly_hosts, plan, archive)
-        except PackagingError:
-            assembly.discard(assembly_hosts, archive)
-            raise
+    discard = functools.partial(assembly.discard, assembly_hosts, archive)
+    with op_failures.handled(context, ops_db, plan, discard):
+        assembly.verify(assembly_hosts, plan, archive)
         with ops_db.session() as session:
             record_checksum(
                 session, plan.package_id, archive.size, archive.checksum, archive.algorithm
@@ -143,10 +140,14 @@ def register_at_buffer(
     plan, archive = built.plan, built.archive
     if archive is None:
         return
-    with op_failures.handled(context, ops_db, plan):
-        final_path = assembly.publish(assembly_hosts, plan, archive)
+    discard = functools.partial(assembly.discard, assembly_hosts, archive)
+    with op_failures.handled(context, ops_db, plan, discard):
+        published = assembly.publish(assembly_hosts, plan, archive)
         with ops_db.session() as session:
             complete(session, plan.package_id, archive.buffer.location_id)
+    final_path = published["path"]
+    if published["adopted"]:
+        context.log.info(f"{plan.name}: {final_path} already held this package's bytes; kept")
     metadata: dict[str, dg.RawMetadataValue] = {
         **run_metadata.registered(plan, archive, final_path),
         "buffer_path": dg.MetadataValue.path(final_path),

@@ -133,6 +133,26 @@ def mark_failed(session: Session, package_id: int, owner: str, reason: str) -> b
     return _changed(result)
 
 
+def release(session: Session, package_id: int, owner: str, reason: str) -> bool:
+    """Give the package up unfinished, for its next run to take at once: the step working on
+    it was interrupted (run terminated, worker stopped). False if it was not ours to give."""
+    result = session.execute(
+        update(RawDataPackage)
+        .where(
+            RawDataPackage.id == package_id,
+            RawDataPackage.status.not_in([Status.COMPLETED, Status.FAILED]),
+            RawDataPackage.lease_owner == owner,
+        )
+        .values(
+            status=Status.PENDING,
+            lease_owner=None,
+            failure_reason=f"interrupted: {reason}",
+            updated_at=datetime.now(UTC),
+        )
+    )
+    return _changed(result)
+
+
 def reset_failed(
     session: Session, *conditions: ColumnElement[bool], owner: str | None
 ) -> list[str]:

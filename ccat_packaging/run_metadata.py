@@ -6,6 +6,8 @@ The UI truncates long metadata, so what matters most comes first.
 
 from __future__ import annotations
 
+import socket
+
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.failure_policy import Verdict
 from ccat_packaging.plans import PackagePlan
@@ -26,14 +28,17 @@ def planned(plan: PackagePlan) -> Metadata:
 
 
 def where(plan: PackagePlan, archive: AssembledArchive) -> Metadata:
-    """Which package, and the hosts and the buffer it actually went between."""
+    """Which package, and the hosts and the buffer it actually went between. Hosts are named
+    as the operations database names them (the archive is always written on the source's
+    host); ``run_worker`` is the machine whose process ran the step."""
     return {
         "package": plan.name,
         "source_location": plan.source.location_name,
         "source_host": plan.source.host,
-        "assembled_on": archive.host,
         "transport": "ssh" if archive.via_ssh else "local",
         "buffer_location": archive.buffer.location_name,
+        "buffer_host": archive.buffer.host,
+        "run_worker": socket.gethostname(),
     }
 
 

@@ -3,6 +3,7 @@ since filing."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -12,14 +13,23 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from sqlalchemy import select, text, update
 
 from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.definitions import defs
 from ccat_packaging.discovery import GroupKey
 from ccat_packaging.models import RawDataFile, RawDataPackage, Status
-from ccat_packaging.names import job_name
+from ccat_packaging.names import job_name, partitions_name
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
+from ccat_packaging_tests.deployment import (
+    LOCATION,
+    REPOSITORY,
+    Deployment,
+    running_deployment,
+    wait_for,
+    write_test_instance,
+)
 from ccat_packaging_tests.package_checks import (
     LONG_AGO,
     MB,
@@ -28,6 +38,7 @@ from ccat_packaging_tests.package_checks import (
     leftovers,
     packages_of,
     single_site,
+    step_retries,
 )
 
 # --- crash windows -----------------------------------------------------------------------------
@@ -176,6 +187,124 @@ def test_database_connections_terminated_mid_run_are_survived(world, pg_admin, m
     assert_completed_and_intact(world, buf, packages_of(world)[0])
 
 
+LAUNCH_RUN = """
+mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+TERMINATE_RUN = """
+mutation($id: String!) { terminateRun(runId: $id) {
+  __typename ... on TerminateRunSuccess { run { runId } } ... on PythonError { message } } }"""
+
+
+def _launch(deployment: Deployment, key: str) -> str:
+    launched = deployment.graphql(
+        LAUNCH_RUN,
+        p={
+            "selector": {
+                "repositoryLocationName": LOCATION,
+                "repositoryName": REPOSITORY,
+                "jobName": job_name("src"),
+            },
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": key}]},
+        },
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return str(launched["run"]["runId"])
+
+
+def _run_worker(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid of the process executing the run's steps (the in-process executor's)."""
+    starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+    return next((e.dagster_event.pid for e in starts if e.dagster_event), None)
+
+
+def test_a_run_terminated_or_its_worker_stopped_mid_assembly_leaves_nothing_behind(
+    world, dagster_pg_env: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
+    """Terminate from the UI (GraphQL ``terminateRun``) and SIGTERM of the run worker: the
+    temporary archive is removed, the package released at once (no stale lease to wait out),
+    and the next run builds it."""
+    _, _, buf, group, key = single_site(world)
+    for i in range(4):
+        big_file(world, group, f"big{i}.dat", 512 * MB)
+    home = tmp_path / "dagster_home"
+    write_test_instance(home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    for name, value in dagster_pg_env.items():
+        monkeypatch.setenv(name, value)
+    partial = lambda: list(world.root(buf).rglob(".*.partial.*"))  # noqa: E731
+
+    def released() -> RawDataPackage | None:
+        [package] = packages_of(world)
+        return package if package.lease_owner is None and not partial() else None
+
+    with (
+        running_deployment(dict(os.environ), tmp_path / "logs") as deployment,
+        dg.DagsterInstance.get() as instance,
+    ):
+        instance.add_dynamic_partitions(partitions_name("src"), [key])
+        for stop in ("terminate", "sigterm"):
+            run_id = _launch(deployment, key)
+            ended = functools.partial(_finished, instance, run_id)
+            wait_for("the assembly to start", partial, timeout=120, every=0.01)
+            if stop == "terminate":
+                answer = deployment.graphql(TERMINATE_RUN, id=run_id)["terminateRun"]
+                assert answer["__typename"] == "TerminateRunSuccess", answer
+            else:
+                worker = wait_for(
+                    "its worker", functools.partial(_run_worker, instance, run_id), 10
+                )
+                os.kill(worker, signal.SIGTERM)
+            package = wait_for(f"the package to be released ({stop})", released, timeout=60)
+            assert package.status == Status.PENDING, stop
+            assert (package.failure_reason or "").startswith("interrupted:"), stop
+            assert not (world.root(buf) / package.relative_path).exists()
+            run = wait_for("the run to end", ended, timeout=60)
+            assert run.status in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
+        last = functools.partial(_finished, instance, _launch(deployment, key))
+        done = wait_for("the next run", last, timeout=180)
+    assert done.status == dg.DagsterRunStatus.SUCCESS
+    [package] = packages_of(world)
+    assert_completed_and_intact(world, buf, package)
+    assert leftovers(world.root(buf)) == []
+
+
+def _finished(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
+    run = instance.get_run_by_id(run_id)
+    return run if run is not None and run.is_finished else None
+
+
+# --- the buffer --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("obstacle", ["directory", "other file"])
+def test_what_stands_at_the_final_path_is_never_overwritten(world, obstacle: str) -> None:
+    """Not ours, so not replaced: the package fails for good naming the path, and its
+    temporary archive is removed."""
+    _, _, buf, group, key = single_site(world)
+    world.file(group, "a.dat", size=50_000)
+    with world.session() as s:
+        [plan] = claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100), "planner")
+        s.execute(update(RawDataPackage).values(lease_owner=None))
+    final = world.root(buf) / plan.relative_path
+    if obstacle == "directory":
+        (final / "keep.me").mkdir(parents=True)
+    else:
+        final.parent.mkdir(parents=True)
+        final.write_bytes(b"someone else's bytes")
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert not result.success and step_retries(result) == 0
+    [package] = packages_of(world)
+    assert package.status == Status.FAILED
+    assert (package.failure_reason or "").startswith("DestinationExistsError: ")
+    assert f"{final} is already there" in (package.failure_reason or "")
+    assert leftovers(world.root(buf)) == []  # no temporary archive
+    if obstacle == "directory":
+        assert (final / "keep.me").is_dir()
+    else:
+        assert final.read_bytes() == b"someone else's bytes"
+
+
 # --- source integrity --------------------------------------------------------------------------
 
 
@@ -192,3 +321,30 @@ def test_a_source_file_altered_since_filing_fails_the_package_at_once(world) -> 
     assert "altered since filing" in (package.failure_reason or "")
     assert "tampered.dat" in (package.failure_reason or "")
     assert leftovers(world.root(buf)) == []
+
+
+def test_a_name_on_disk_that_is_not_its_filed_utf8_fails_as_missing_and_loses_nothing(
+    world,
+) -> None:
+    """Names are UTF-8 text end to end: the operations database stores them as text, so a
+    file whose on-disk name is other bytes (Latin-1 here) cannot be found under its row."""
+    _, src, buf, group, key = single_site(world)
+    content = os.urandom(4000)
+    world.file(group, "obs/café.fits", content, write=False)
+    latin1 = os.fsencode(world.root(src) / "obs") + b"/caf\xe9.fits"
+    os.makedirs(os.path.dirname(latin1))
+    with open(latin1, "wb") as handle:
+        handle.write(content)
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+        assert not result.success
+        [package] = packages_of(world)
+        assert package.status == Status.FAILED
+        assert "source file 'obs/café.fits' is missing" in (package.failure_reason or "")
+        with open(latin1, "rb") as handle:
+            assert handle.read() == content  # untouched
+        assert leftovers(world.root(buf)) == []
+        os.rename(latin1, world.root(src) / "obs" / "café.fits")  # the fix: a UTF-8 name
+        assert run_partition(instance, key).success  # an operator's run re-drives it
+    [package] = packages_of(world)
+    assert_completed_and_intact(world, buf, package)

@@ -68,7 +68,10 @@ def test_job_packages_hostile_names_exactly_from_a_source_on_an_ssh_host(
     assert result.success
 
     metadata = _output_metadata(result, "assemble_tar")
-    assert metadata["assembled_on"] == lab.a.address
+    buffer_host = {"same ssh host": lab.a.address, "other ssh host": lab.b.address}
+    assert metadata["source_host"] == lab.a.address
+    assert metadata["buffer_host"] == buffer_host.get(buffer_at, "localhost")
+    assert metadata["run_worker"] == os.uname().nodename
     assert metadata["transport"] == "ssh"
     with world.session() as s:
         [package] = s.scalars(select(RawDataPackage)).all()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.tar_agent import AgentError
+from ccat_packaging_tests.special_files import SPECIAL
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> list[list[object]]:
@@ -119,6 +124,62 @@ def test_changed_or_missing_source_files_fail_and_leave_nothing(tmp_path: Path, 
     assert [p.name for p in dest.rglob("*") if p.is_file() and "lock" not in p.name] == []
 
 
+def run_agent_process(command: str, spec: dict, tmp_path: Path) -> dict:
+    """The agent as it runs on a remote host: a process of its own, bounded in time (a file
+    that blocks its open would hang it)."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    argv = ["python3", "-I", "-S", tar_agent.__file__, command, str(spec_file)]
+    done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+    return dict(json.loads(done.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+def test_special_files_fail_at_once_as_not_regular(tmp_path: Path, kind: str) -> None:
+    """Nothing is opened that is not a regular file: a named pipe would block for a writer,
+    a device could be acted on (the block device is a loop device nobody set up)."""
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"ok.dat": b"fine"})
+    SPECIAL[kind](src / "odd.dat")
+    spec = {
+        "source_root": str(src),
+        "members": [*members, ["odd.dat", 0]],
+        "dest_root": str(dest),
+        "dest_relative": "p/pkg.tar",
+    }
+    result = run_agent_process("build", spec, tmp_path)
+    assert result["error"] == {
+        "kind": "source_file",
+        "message": f"source file 'odd.dat' is not a regular file but a {kind}",
+    }
+    with pytest.raises(AgentError, match=f"not a regular file but a {kind}"):
+        tar_agent.run_command("build", spec)
+    assert [p.name for p in dest.rglob("*") if p.is_file() and "lock" not in p.name] == []
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """``directory`` on a read-only bind mount of itself: EROFS, which even root gets."""
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_read_only_buffer_is_a_named_error_not_a_crash(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    (dest / "p").mkdir(parents=True)
+    members = _tree(src, {"a.dat": b"abc"})
+    with read_only(dest), pytest.raises(AgentError) as info:
+        _build(src, dest, members)
+    assert info.value.kind == "unwritable"
+    assert "Read-only file system [EROFS]" in info.value.message
+    assert str(dest / "p") in info.value.message
+
+
 def test_verify_catches_truncation_at_a_member_boundary(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "buf"
     dest.mkdir()
@@ -151,18 +212,74 @@ def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: 
     assert [p.name for p in small_disk.rglob("*") if p.is_file()] == [".pkg.tar.lock"]
 
 
-def test_publish_renames_atomically_into_place(tmp_path: Path) -> None:
+def _publish(dest: Path, built: dict, rel: str = "p/pkg.tar") -> dict:
+    return tar_agent.run_command(
+        "publish",
+        {
+            "temp_path": built["temp_path"],
+            "dest_root": str(dest),
+            "dest_relative": rel,
+            "size": built["size"],
+            "checksum": built["checksum"],
+        },
+    )
+
+
+def test_publish_gives_the_final_name_and_leaves_only_the_archive(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "buf"
     dest.mkdir()
-    members = _tree(src, {"a.dat": b"abc"})
-    built = _build(src, dest, members)
-    out = tar_agent.run_command(
-        "publish",
-        {"temp_path": built["temp_path"], "dest_root": str(dest), "dest_relative": "p/pkg.tar"},
-    )
-    assert out["path"] == str(dest / "p" / "pkg.tar")
+    built = _build(src, dest, _tree(src, {"a.dat": b"abc"}))
+    out = _publish(dest, built)
+    assert out == {"path": str(dest / "p" / "pkg.tar"), "adopted": False}
     assert hashlib.sha256((dest / "p" / "pkg.tar").read_bytes()).hexdigest() == built["checksum"]
     assert sorted(p.name for p in (dest / "p").iterdir()) == [".pkg.tar.lock", "pkg.tar"]
+
+
+def test_an_identical_archive_already_published_is_adopted(tmp_path: Path) -> None:
+    """The crash-recovery case: an attempt published, then died before the database knew."""
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": os.urandom(3000)})
+    _publish(dest, _build(src, dest, members))
+    again = _build(src, dest, members)
+    assert _publish(dest, again) == {"path": str(dest / "p" / "pkg.tar"), "adopted": True}
+    assert not Path(again["temp_path"]).exists()
+    # A step that published and is run again finds its temporary archive gone: same answer.
+    assert _publish(dest, again)["adopted"] is True
+
+
+@pytest.mark.parametrize("obstacle", ["other file", "same size, other bytes", "directory"])
+def test_publish_never_replaces_what_is_not_this_package(tmp_path: Path, obstacle: str) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    built = _build(src, dest, _tree(src, {"a.dat": os.urandom(3000)}))
+    final = dest / "p" / "pkg.tar"
+    if obstacle == "directory":
+        (final / "inside").mkdir(parents=True)
+    else:
+        size = built["size"] if obstacle.startswith("same size") else 10
+        final.write_bytes(b"x" * size)
+    before = sorted(str(p) for p in final.rglob("*")) if final.is_dir() else final.read_bytes()
+    with pytest.raises(AgentError) as info:
+        _publish(dest, built)
+    assert info.value.kind == "exists"
+    assert str(final) in info.value.message and "left untouched" in info.value.message
+    after = sorted(str(p) for p in final.rglob("*")) if final.is_dir() else final.read_bytes()
+    assert after == before
+    assert Path(built["temp_path"]).exists()  # the caller decides: discard, or try again
+
+
+def test_publish_without_its_temporary_archive_or_final_file_publishes_nothing(
+    tmp_path: Path,
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    built = _build(src, dest, _tree(src, {"a.dat": b"abc"}))
+    os.unlink(built["temp_path"])
+    with pytest.raises(AgentError) as info:
+        _publish(dest, built)
+    assert info.value.kind == "verification" and "gone" in info.value.message
+    assert not (dest / "p" / "pkg.tar").exists()
 
 
 def _build_checked(tmp_path: Path, data: bytes, on_disk: bytes, alg: str, filed: str) -> dict:

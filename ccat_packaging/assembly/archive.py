@@ -27,15 +27,14 @@ PUMP_BLOCK = 1 << 20
 class AssembledArchive:
     """A fsynced archive under its temporary name at the buffer, with its checksum.
 
-    ``host`` and ``via_ssh`` say where it was assembled (the source's host); ``buffer`` is the
-    location whose host holds ``temp_path``.
+    ``via_ssh`` says how the source's host was reached; ``buffer`` is the location whose host
+    holds ``temp_path``.
     """
 
     temp_path: str
     size: int
     checksum: str
     algorithm: str
-    host: str
     via_ssh: bool
     seconds: float
     buffer: Endpoint
@@ -65,7 +64,6 @@ def assemble(hosts: Hosts, plan: PackagePlan, buffer: Endpoint) -> AssembledArch
         size=int(result["size"]),
         checksum=result["checksum"],
         algorithm=result["algorithm"],
-        host=source.host,
         via_ssh=source.via_ssh,
         seconds=float(result["seconds"]),
         buffer=buffer,
@@ -152,14 +150,18 @@ def verify(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> None:
     hosts.runner_for(archive.buffer).run("verify", spec)
 
 
-def publish(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> str:
+def publish(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> tar_agent.PublishResult:
+    """The archive under its final name: ``adopted`` when an earlier attempt had put it there
+    (the agent never replaces a file that is not this package)."""
     spec = tar_agent.PublishSpec(
         temp_path=archive.temp_path,
         dest_root=archive.buffer.root,
         dest_relative=plan.relative_path,
+        size=archive.size,
+        checksum=archive.checksum,
     )
     result = hosts.runner_for(archive.buffer).run("publish", spec)
-    return str(result["path"])
+    return tar_agent.PublishResult(path=str(result["path"]), adopted=bool(result["adopted"]))
 
 
 def discard(hosts: Hosts, archive: AssembledArchive) -> None:

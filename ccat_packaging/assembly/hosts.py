@@ -23,11 +23,14 @@ from ccat_packaging.assembly import tar_agent
 from ccat_packaging.errors import (
     ArchiveVerificationError,
     ConfigurationError,
+    DestinationExistsError,
     InsufficientSpaceError,
+    LocationNotWritableError,
     PackagingError,
     RetryableError,
     SourceFileError,
     SourceNotReadyError,
+    StorageError,
     UnsafePathError,
 )
 from ccat_packaging.plans import Endpoint
@@ -38,6 +41,9 @@ _AGENT_ERRORS: dict[str, type[PackagingError]] = {
     "not_ready": SourceNotReadyError,
     "config": ConfigurationError,
     "no_space": InsufficientSpaceError,
+    "unwritable": LocationNotWritableError,
+    "exists": DestinationExistsError,
+    "storage": StorageError,
     "busy": RetryableError,
     "interrupted": RetryableError,
     "verification": ArchiveVerificationError,
@@ -50,9 +56,10 @@ def agent_error(kind: str, message: str, where: str) -> PackagingError:
     return _AGENT_ERRORS.get(kind, PackagingError)(f"{where}: {message}")
 
 
-def describe(endpoint: Endpoint, host: str | None = None) -> str:
-    """How errors name a location: its name and the host it is on."""
-    return f"location {endpoint.location_name!r} on {host or endpoint.host}"
+def describe(endpoint: Endpoint) -> str:
+    """How errors name a location: its name and its host as the operations database names it,
+    the one name of a host in messages and metadata (whichever way it is reached)."""
+    return f"location {endpoint.location_name!r} on {endpoint.host}"
 
 
 class AgentProcess(Protocol):
@@ -82,10 +89,9 @@ class Hosts(Protocol):
 
 
 class HostRunner(Hosts, Protocol):
-    """``host`` names where commands run (for metadata); two runners with the same ``machine``
-    reach the same files as the same user, so an archive can be written in place."""
+    """Two runners with the same ``machine`` reach the same files as the same user, so an
+    archive can be written in place."""
 
-    host: str
     machine: str
     via_ssh: bool
 
@@ -105,9 +111,8 @@ class LocalRunner:
     machine = "local"
 
     def __init__(self, hosts: Hosts | None = None, endpoint: Endpoint | None = None) -> None:
-        self.host = socket.gethostname()
         self._hosts = hosts
-        self._where = describe(endpoint, self.host) if endpoint else f"host {self.host}"
+        self._where = describe(endpoint) if endpoint else f"host {socket.gethostname()}"
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
         if self._hosts is not None:
@@ -137,6 +142,7 @@ class _LocalProcess:
         if entry is None or entry.stream is None:
             raise ValueError(f"{command!r} does not stream")
         self._where = where
+        self._command = command
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
         read_end, write_end = os.pipe()
@@ -189,7 +195,8 @@ class _LocalProcess:
         if isinstance(self._error, tar_agent.AgentError):
             raise agent_error(self._error.kind, self._error.message, self._where)
         if isinstance(self._error, OSError):
-            raise agent_error("io", str(self._error), self._where)
+            failure = tar_agent.os_failure(self._error, self._command)
+            raise agent_error(failure.kind, failure.message, self._where)
         if self._error is not None:
             raise self._error
         assert self._result is not None

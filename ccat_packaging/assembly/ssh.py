@@ -116,11 +116,10 @@ class SshRunner:
     via_ssh = True
 
     def __init__(self, session: _Session, endpoint: Endpoint, hosts: Hosts) -> None:
-        self.host = endpoint.host
         self.machine = session.name
         self._session = session
         self._hosts = hosts
-        self._where = describe(endpoint, session.name)
+        self._where = describe(endpoint)
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
         return self._hosts.runner_for(endpoint)

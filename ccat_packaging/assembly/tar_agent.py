@@ -74,13 +74,56 @@ STOP_GRACE_SECONDS = 30
 
 
 class AgentError(Exception):
-    """``kind`` is one of: unsafe_path, source_file, not_ready, no_space, busy, verification,
-    config, io, interrupted."""
+    """``kind`` is one of: unsafe_path, source_file, not_ready, no_space, unwritable, exists,
+    storage, busy, verification, config, io, interrupted."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+# What an operating-system error means for a package, by errno: the kind says whether trying
+# again (storage, interrupted) or another buffer (no_space, unwritable) can help.
+_ERRNO_KINDS = {
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "no_space",
+    errno.EACCES: "unwritable",
+    errno.EPERM: "unwritable",
+    errno.EROFS: "unwritable",
+    errno.EEXIST: "exists",
+    errno.EISDIR: "exists",
+    errno.ENOTDIR: "exists",
+    errno.EIO: "storage",
+    errno.ESTALE: "storage",
+    errno.ETIMEDOUT: "storage",
+    errno.ENOLINK: "storage",
+    errno.EREMOTEIO: "storage",
+    errno.EPIPE: "interrupted",
+    errno.ECONNRESET: "interrupted",
+}
+
+
+def os_failure(exc: OSError, doing: str) -> AgentError:
+    """An operating-system error while ``doing`` something at the destination, as an
+    ``AgentError`` naming the error and the path (source files have ``_source_error``)."""
+    return AgentError(_ERRNO_KINDS.get(exc.errno or 0, "io"), f"{doing}: {_explain(exc)}")
+
+
+def _source_error(relative: str, exc: OSError) -> AgentError:
+    """An operating-system error on a source file: only a failing disk or mount is worth
+    trying again; anything else (no permission, ...) needs the file fixed."""
+    retry = _ERRNO_KINDS.get(exc.errno or 0) == "storage"
+    return AgentError(
+        "storage" if retry else "source_file",
+        f"cannot read source file {relative!r}: {_explain(exc)}",
+    )
+
+
+def _explain(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, "?")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc} [{code}]{where}"
 
 
 class _FiledChecksums(TypedDict, total=False):
@@ -115,6 +158,8 @@ class VerifySpec(TypedDict):
 
 class PublishSpec(_Destination):
     temp_path: str  # as returned by build or receive
+    size: int  # the archive's size and sha256: what a file already at the final name must
+    checksum: str  # have to be taken for this package
 
 
 class DiscardSpec(TypedDict):
@@ -157,6 +202,7 @@ class VerifyResult(TypedDict):
 
 class PublishResult(TypedDict):
     path: str
+    adopted: bool  # the final name already held this package's bytes (an earlier attempt's)
 
 
 class DiscardResult(TypedDict):
@@ -277,26 +323,39 @@ def verify(spec: VerifySpec) -> VerifyResult:
 
 
 def publish(spec: PublishSpec) -> PublishResult:
-    """Give a verified temporary archive its final name (``PublishSpec``, ``PublishResult``);
-    rename(2) is atomic, then the directory entry is fsynced so a crash cannot lose it."""
+    """Give a verified temporary archive its final name, never replacing anything there
+    (``PublishSpec``, ``PublishResult``).
+
+    link(2) gives the name atomically and fails if it exists, where rename(2) would replace
+    it; the directory is then fsynced so a crash cannot lose the name. A file already at the
+    final name is this package only if it has the package's size and checksum: an earlier
+    attempt published it and died before the database recorded it, so it is adopted. Anything
+    else there (another file, a directory) is left untouched and the package fails.
+    """
     final = os.path.join(spec["dest_root"], check_relative_path(spec["dest_relative"]))
-    os.rename(spec["temp_path"], final)
-    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
+    temp_path = spec["temp_path"]
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return {"path": final}
+        os.link(temp_path, final)
+    except FileExistsError:
+        _check_identical(final, spec)
+        _remove(temp_path)
+        return {"path": final, "adopted": True}
+    except FileNotFoundError:
+        if not os.path.lexists(final):  # the temporary archive went missing
+            raise AgentError(
+                "verification", f"the temporary archive {temp_path} is gone; nothing published"
+            ) from None
+        _check_identical(final, spec)  # this step ran before and published it
+        return {"path": final, "adopted": True}
+    _remove(temp_path)
+    _fsync_directory(os.path.dirname(final))
+    return {"path": final, "adopted": False}
 
 
 def discard(spec: DiscardSpec) -> DiscardResult:
     """Remove a temporary archive that will not be published (``DiscardSpec``,
     ``DiscardResult``); one that is gone already is no error, so a retry is harmless."""
-    try:
-        os.unlink(spec["temp_path"])
-    except FileNotFoundError:
-        return {"removed": False}
-    return {"removed": True}
+    return {"removed": _remove(spec["temp_path"])}
 
 
 def checksum(spec: ChecksumSpec) -> ChecksumResult:
@@ -307,20 +366,8 @@ def checksum(spec: ChecksumSpec) -> ChecksumResult:
     if algorithm not in hashlib.algorithms_available:
         raise AgentError("config", f"unknown checksum algorithm {algorithm!r}")
     path = os.path.join(spec["root"], check_relative_path(spec["relative_path"]))
-    digest = hashlib.new(algorithm)
-    size = 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise AgentError("io", f"{path}: {exc.strerror}") from None
-    with open(fd, "rb", buffering=0) as handle:
-        with contextlib.suppress(OSError):  # only a hint: read ahead, keep little cached
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        block = memoryview(bytearray(HASH_BLOCK))
-        while count := handle.readinto(block):
-            digest.update(block[:count])
-            size += count
-    return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest.hexdigest()}
+    size, digest = _hash_file(path, algorithm)
+    return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest}
 
 
 # The command table, and running a command as a process.
@@ -353,8 +400,11 @@ def run_command(command: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     stream and is called directly)."""
     entry = COMMANDS.get(command)
     if entry is None or entry.stream is not None:
-        raise AgentError("io", f"unknown agent command {command!r}")
-    return entry.handler(spec)
+        raise AgentError("config", f"{command!r} is not an agent command that answers alone")
+    try:
+        return entry.handler(spec)
+    except OSError as exc:
+        raise os_failure(exc, command) from None
 
 
 def main(argv: list[str]) -> int:
@@ -387,7 +437,8 @@ def main(argv: list[str]) -> int:
     except AgentError as exc:
         result, code = {"error": {"kind": exc.kind, "message": exc.message}}, 3
     except OSError as exc:
-        result, code = {"error": {"kind": "io", "message": str(exc)}}, 3
+        failure = os_failure(exc, command)
+        result, code = {"error": {"kind": failure.kind, "message": failure.message}}, 3
     try:
         report.write(json.dumps(result) + "\n")
         report.flush()
@@ -463,29 +514,34 @@ class _SourceTree:
         except FileNotFoundError:
             raise AgentError("source_file", f"source file {relative!r} is missing") from None
         except OSError as exc:
-            raise AgentError(
-                "source_file", f"cannot open source file {relative!r}: {exc}"
-            ) from None
+            raise _source_error(relative, exc) from None
         if len(self._directories) >= DIRECTORY_FDS:
             os.close(self._directories.pop(next(iter(self._directories))))
         self._directories[relative_dir] = fd
         return fd
 
     def open(self, relative: str, filed_size: int) -> tuple[int, os.stat_result]:
+        """The member opened for reading, after its kind and size were checked.
+
+        Only a regular file is ever opened: opening a named pipe waits for a writer that may
+        never come, and opening a device can act on it (a tape rewinds). ``O_NONBLOCK`` covers
+        a file swapped for a pipe between the check and the open, and ``fstat`` then refuses it.
+        """
         relative_dir, _, name = relative.rpartition("/")
         directory = self._directory(relative_dir, relative)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            _check_kind(relative, os.stat(name, dir_fd=directory, follow_symlinks=False))
+            fd = os.open(name, _OPEN_MEMBER, dir_fd=directory)
         except FileNotFoundError:
             raise AgentError("source_file", f"source file {relative!r} is missing") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise AgentError("unsafe_path", f"source file {relative!r} is a symlink") from None
-            raise AgentError(
-                "source_file", f"cannot open source file {relative!r}: {exc}"
-            ) from None
+            raise _source_error(relative, exc) from None
         try:
             st = os.fstat(fd)
+            _check_kind(relative, st)
+            os.set_blocking(fd, True)
             _check_member(relative, filed_size, st)
         except BaseException:
             os.close(fd)
@@ -497,9 +553,27 @@ class _SourceTree:
             os.close(self._directories.popitem()[1])
 
 
-def _check_member(relative: str, filed_size: int, st: os.stat_result) -> None:
+_OPEN_MEMBER = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _check_kind(relative: str, st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise AgentError("unsafe_path", f"source file {relative!r} is a symlink")
     if not stat.S_ISREG(st.st_mode):
-        raise AgentError("source_file", f"source file {relative!r} is not a regular file")
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a plain file")
+        raise AgentError(
+            "source_file", f"source file {relative!r} is not a regular file but {kind}"
+        )
+
+
+def _check_member(relative: str, filed_size: int, st: os.stat_result) -> None:
     if st.st_size < filed_size:
         raise AgentError(
             "not_ready",
@@ -542,9 +616,7 @@ def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterato
         except OSError as exc:
             os.close(fd)
             os.unlink(temp_path)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise AgentError("no_space", f"disk full while writing in {dest_dir}") from None
-            raise AgentError("io", f"writing {temp_path} failed: {exc}") from None
+            raise os_failure(exc, f"writing {temp_path}") from None
         except BaseException:
             os.close(fd)
             os.unlink(temp_path)
@@ -568,6 +640,53 @@ def _remove_partials(dest_dir: str, base: str) -> None:
     for entry in os.listdir(dest_dir):
         if entry.startswith(prefix):
             os.unlink(os.path.join(dest_dir, entry))
+
+
+def _check_identical(final: str, spec: PublishSpec) -> None:
+    """Refuse, naming ``final``, unless it is a regular file with the package's bytes."""
+    st = os.lstat(final)
+    advice = "it was left untouched; move it away if it is not needed, then requeue"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a symlink")
+        raise AgentError("exists", f"{final} is already there and is {kind}; {advice}")
+    if st.st_size == int(spec["size"]) and _hash_file(final, ALGORITHM)[1] == spec["checksum"]:
+        return
+    raise AgentError(
+        "exists",
+        f"{final} is already there and is another file ({st.st_size} bytes; this package has "
+        f"{spec['size']} bytes, sha256 {spec['checksum']}); {advice}",
+    )
+
+
+def _hash_file(path: str, algorithm: str) -> tuple[int, str]:
+    """Size and hex digest of a file, read once sequentially in large blocks."""
+    digest = hashlib.new(algorithm)
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as handle:
+        _advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        block = memoryview(bytearray(HASH_BLOCK))
+        while count := handle.readinto(block):
+            digest.update(block[:count])
+            size += count
+    return size, digest.hexdigest()
+
+
+def _remove(path: str) -> bool:
+    """Unlink ``path``; False if it was gone already."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _fsync_directory(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _write_predicted(
@@ -887,7 +1006,7 @@ def _copy_member(
     """A member's data into the archive, in steps after each of which its pages are dropped
     from the page cache (read once, they would only push out other data)."""
     _advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    read = functools.partial(_readv, fd)
+    read = functools.partial(_readv, fd, relative)
     short = AgentError("source_file", f"source file {relative!r} shrank while read")
     done = 0
     while done < st.st_size:
@@ -899,8 +1018,11 @@ def _copy_member(
         raise AgentError("source_file", f"source file {relative!r} changed while read")
 
 
-def _readv(fd: int, view: memoryview) -> int:
-    return os.readv(fd, [view])
+def _readv(fd: int, relative: str, view: memoryview) -> int:
+    try:
+        return os.readv(fd, [view])
+    except OSError as exc:
+        raise _source_error(relative, exc) from None
 
 
 def _advise(fd: int, offset: int, length: int, advice: int) -> None:
