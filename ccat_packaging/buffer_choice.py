@@ -2,9 +2,11 @@
 
 The rule: a site's active disk BUFFERs in order of preference (lowest ``priority`` number
 first, ties by lowest id), and the package goes to the first of them that can take it. A buffer
-that is full, refuses writes, or whose host cannot be reached, is passed over for the next one
-(failover); the assembled archive names the buffer actually used, and nothing names a buffer
-before that.
+that is full, refuses writes, whose free space other packages being written into it have
+reserved, or whose host cannot be reached, is passed over for the next one (failover); the
+assembled archive names the buffer actually used, and nothing names a buffer before that. When
+no buffer can take the package only because of such reservations, the error is retryable: the
+package waits for them.
 No active buffer at all is a configuration error, never a reason to skip quietly.
 """
 
@@ -24,6 +26,7 @@ from ccat_packaging.errors import (
     InsufficientSpaceError,
     LocationNotWritableError,
     NoActiveBufferError,
+    SpaceReservedError,
 )
 from ccat_packaging.models import DataLocation, DiskDataLocation, LocationType, Site
 from ccat_packaging.plans import Endpoint, PackagePlan
@@ -69,14 +72,21 @@ def assemble_at_first_usable_buffer(
     not the buffer's fault: it is raised at once, since every buffer would fail the same way.
     """
     problems: list[str] = []
+    reserved = False
     for buffer in buffers:
         try:
             return archive.assemble(hosts, plan, buffer)
-        except (InsufficientSpaceError, LocationNotWritableError) as exc:
+        except (InsufficientSpaceError, LocationNotWritableError, SpaceReservedError) as exc:
             problems.append(f"{buffer.location_name}: {exc}")
+            reserved = reserved or isinstance(exc, SpaceReservedError)
         except HostUnreachableError as exc:
             if exc.host != buffer.host or buffer.host == plan.source.host:
                 raise
             problems.append(f"{buffer.location_name}: {exc}")
         passed_over(f"buffer {buffer.location_name} unusable: {problems[-1]}")
+    if reserved:
+        raise SpaceReservedError(
+            "no active buffer can take the package before the packages being written into it "
+            "are done: " + "; ".join(problems)
+        )
     raise InsufficientSpaceError("no active buffer can take the package: " + "; ".join(problems))

@@ -81,6 +81,12 @@ class StorageError(RetryableError):
     out): often passing, so worth another attempt."""
 
 
+class SpaceReservedError(RetryableError):
+    """The buffer has room for the package only once the packages being written into it now
+    are done: their predicted sizes are reserved. Another buffer may take it at once, else
+    waiting for a retry can help."""
+
+
 class ArchiveVerificationError(PackagingError):
     """The written archive does not match what was predicted from the filed files."""
 

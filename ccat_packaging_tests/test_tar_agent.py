@@ -6,9 +6,12 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import sys
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -209,7 +212,10 @@ def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: 
     with pytest.raises(AgentError, match="not enough space") as info:
         _build(src, small_disk, members)
     assert info.value.kind == "no_space"
-    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == [".pkg.tar.lock"]
+    assert sorted(p.name for p in small_disk.rglob("*") if p.is_file()) == [
+        ".pkg.tar.lock",
+        "buffer.lock",
+    ]
 
 
 def _publish(dest: Path, built: dict, rel: str = "p/pkg.tar") -> dict:
@@ -454,3 +460,139 @@ def test_a_symlinked_directory_that_stays_inside_the_root_is_followed(tmp_path: 
     result = _build(src, dest, [["alias/a.dat", 6]])
     with tarfile.open(result["temp_path"]) as archive:
         assert [(m.name, m.size) for m in archive] == [("alias/a.dat", 6)]
+
+
+# --- concurrent assemblies into one buffer: real processes, a 64 MiB tmpfs ---------------------
+
+MiB = 1 << 20
+HALF = 20 * MiB  # each package has two members of this size: two packages do not fit in 64 MiB
+
+
+def _package_spec(src: Path, dest: Path, name: str) -> tar_agent.BuildSpec:
+    members = _tree(src, {f"{name}{i}.dat": os.urandom(MiB) * (HALF // MiB) for i in (1, 2)})
+    return tar_agent.BuildSpec(
+        source_root=str(src), members=members, dest_root=str(dest), dest_relative=f"p/{name}.tar"
+    )
+
+
+class _Writer:
+    """``build`` or ``receive`` of one package in an agent process of its own; ``held``, it
+    stops after its first member (``held_writer``) until ``go``."""
+
+    def __init__(
+        self, command: str, spec: tar_agent.BuildSpec, tmp_path: Path, held: bool = False
+    ) -> None:
+        name = Path(spec["dest_relative"]).stem
+        self.hold = tmp_path / f"hold_{name}"
+        self.hold.mkdir()
+        self.command = command
+        self.stream = b""
+        line: dict[str, object] = dict(spec)
+        if command == "receive":  # the archive as ``send`` writes it on the source's host
+            with open(tmp_path / f"{name}.stream", "w+b") as handle:
+                sent = tar_agent.send(spec, handle.fileno())
+                handle.seek(0)
+                self.stream = handle.read() + f"{sent['checksum']}\n".encode()
+            line = {"dest_root": spec["dest_root"], "dest_relative": spec["dest_relative"]}
+            line["size"] = sent["size"]
+        spec_file = tmp_path / f"{name}.json"
+        spec_file.write_text(json.dumps(line))
+        run = ["-m", "ccat_packaging_tests.held_writer", str(self.hold), "agent"] if held else []
+        agent = [] if held else ["-I", "-S", tar_agent.__file__]
+        spec_arg = "-" if command == "receive" else str(spec_file)
+        self.process = subprocess.Popen(
+            [sys.executable, *run, *agent, command, spec_arg],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if command == "receive":
+            assert self.process.stdin is not None
+            self.process.stdin.write(spec_file.read_bytes() + b"\n")
+            self.process.stdin.flush()
+            if held:  # the first half now, the rest on ``go``
+                self.process.stdin.write(self.stream[:HALF])
+                self.process.stdin.flush()
+                self.stream = self.stream[HALF:]
+
+    def writing(self, buffer: Path) -> Callable[[], bool]:
+        """Whether the held writer has written its first half into ``buffer``."""
+        if self.command == "build":
+            return (self.hold / "held").exists
+        name = self.hold.name.removeprefix("hold_")
+        return lambda: (
+            sum(p.stat().st_size for p in buffer.rglob(f".{name}.tar.partial.*")) >= (HALF - MiB)
+        )
+
+    def result(self) -> tuple[int, dict]:
+        """Let it go on, and its exit code and result line."""
+        (self.hold / "go").touch()
+        out, err = self.process.communicate(self.stream, timeout=120)
+        assert out, err.decode()
+        return self.process.returncode, json.loads(out.decode().splitlines()[-1])
+
+
+def _until(condition: Callable[[], bool], what: str, writer: _Writer, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert writer.process.poll() is None, f"{what}: it ended: {writer.process.communicate()}"
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.01)
+
+
+def _reservations(buffer: Path) -> list[str]:
+    return sorted(p.name for p in (buffer / tar_agent.RESERVATIONS).glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("build", "build"), ("build", "receive"), ("receive", "build")]
+)
+def test_of_two_packages_that_do_not_fit_together_only_one_starts(
+    tmp_path: Path, small_disk: Path, first: str, second: str
+) -> None:
+    """The second is refused before it writes anything, naming the package that holds the
+    space; the first is never short of space mid-write. A ``receive`` (the stream of another
+    host) reserves and respects reservations exactly like a ``build``."""
+    a = _package_spec(tmp_path / "src", small_disk, "a")
+    b = _package_spec(tmp_path / "src", small_disk, "b")
+    writing = _Writer(first, a, tmp_path, held=True)
+    _until(writing.writing(small_disk), "the first package never started writing", writing)
+    assert len(_reservations(small_disk)) == 1
+
+    code, refused = _Writer(second, b, tmp_path).result()
+
+    assert code == 3 and refused["error"]["kind"] == "reserved", refused
+    message = refused["error"]["message"]
+    assert "reserved by p/a.tar (" in message and "bytes to go" in message, message
+    assert list(small_disk.rglob(".b.tar.partial.*")) == []
+    assert len(_reservations(small_disk)) == 1  # the refused one left none
+    code, done = writing.result()
+    assert code == 0, done
+    data = Path(done["ok"]["temp_path"]).read_bytes()
+    assert (
+        len(data)
+        == done["ok"]["size"]
+        == tar_agent.predicted_size([(str(n), int(str(s))) for n, s in a["members"]])
+    )
+    assert hashlib.sha256(data).hexdigest() == done["ok"]["checksum"]
+    assert _reservations(small_disk) == []
+
+
+def test_the_reservation_of_a_killed_writer_does_not_block_and_is_cleared(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    a = _package_spec(tmp_path / "src", small_disk, "a")
+    b = _package_spec(tmp_path / "src", small_disk, "b")
+    killed = _Writer("build", a, tmp_path, held=True)
+    _until(killed.writing(small_disk), "the first package never started writing", killed)
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(timeout=60)
+    [partial] = small_disk.rglob(".a.tar.partial.*")
+    assert len(_reservations(small_disk)) == 1  # left behind, its lock gone with its process
+
+    code, built = _Writer("build", b, tmp_path).result()
+
+    assert code == 0, built
+    assert Path(built["ok"]["temp_path"]).stat().st_size == built["ok"]["size"]
+    assert not partial.exists()  # the dead writer's half-written file went with its reservation
+    assert _reservations(small_disk) == []

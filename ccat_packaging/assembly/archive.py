@@ -17,7 +17,12 @@ from typing import Any
 
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
-from ccat_packaging.errors import ArchiveVerificationError, InsufficientSpaceError, PackagingError
+from ccat_packaging.errors import (
+    ArchiveVerificationError,
+    InsufficientSpaceError,
+    PackagingError,
+    SpaceReservedError,
+)
 from ccat_packaging.plans import Endpoint, PackagePlan
 
 PUMP_BLOCK = 1 << 20
@@ -55,8 +60,8 @@ def assemble(hosts: Hosts, plan: PackagePlan, buffer: Endpoint) -> AssembledArch
                 checksums=plan.checksum_spec(),
             )
             result = source.run("build", spec)
-        except InsufficientSpaceError as exc:  # say which location is full, not only the source
-            raise InsufficientSpaceError(f"{exc} (buffer {describe(buffer)})") from None
+        except (InsufficientSpaceError, SpaceReservedError) as exc:  # name the buffer too
+            raise type(exc)(f"{exc} (buffer {describe(buffer)})") from None
     else:
         result = _stream(source, receiver, buffer, plan, members)
     return AssembledArchive(

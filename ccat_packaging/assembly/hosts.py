@@ -30,6 +30,7 @@ from ccat_packaging.errors import (
     RetryableError,
     SourceFileError,
     SourceNotReadyError,
+    SpaceReservedError,
     StorageError,
     UnsafePathError,
 )
@@ -44,6 +45,7 @@ _AGENT_ERRORS: dict[str, type[PackagingError]] = {
     "unwritable": LocationNotWritableError,
     "exists": DestinationExistsError,
     "storage": StorageError,
+    "reserved": SpaceReservedError,
     "busy": RetryableError,
     "interrupted": RetryableError,
     "verification": ArchiveVerificationError,

@@ -66,6 +66,12 @@ HASH_BLOCK = 8 << 20
 # How long a command stopped because its caller went away may take to clean up before the
 # process exits anyway.
 STOP_GRACE_SECONDS = 30
+# In a buffer's root: the directory of the space reservations of the assemblies writing into
+# the buffer (``_reserve_space``), and the lock under which they are counted and made. It is
+# held for a few system calls, so waiting longer than this means the filesystem is in trouble.
+RESERVATIONS = ".ccat-reservations"
+RESERVATIONS_LOCK = "buffer.lock"
+RESERVATIONS_LOCK_SECONDS = 30
 
 
 # The JSON boundary. A spec is what ``json.loads`` makes of the caller's request (arrays are
@@ -74,8 +80,10 @@ STOP_GRACE_SECONDS = 30
 
 
 class AgentError(Exception):
-    """``kind`` is one of: unsafe_path, source_file, not_ready, no_space, unwritable, exists,
-    storage, busy, verification, config, io, interrupted."""
+    """``kind`` is one of: unsafe_path, source_file, not_ready, no_space, reserved, unwritable,
+    exists, storage, busy, verification, config, io, interrupted. ``reserved``: the package
+    would fit into the buffer but for the space that assemblies writing into it now have
+    reserved (``_reserve_space``)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -591,24 +599,20 @@ def _check_member(relative: str, filed_size: int, st: os.stat_result) -> None:
 @contextlib.contextmanager
 def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterator[tuple[int, str]]:
     """A new temporary file next to the archive's final name, under the package's lock and only
-    if ``need`` bytes fit; fsynced when the block succeeds, removed when it fails."""
+    if ``need`` bytes fit beside what the other assemblies writing into this buffer still need
+    (``_reserve_space``); fsynced when the block succeeds, removed when it fails."""
     dest_relative = check_relative_path(dest_relative)
     dest_dir = _ensure_dir(dest_root, os.path.dirname(dest_relative))
     base = os.path.basename(dest_relative)
     lock_fd = os.open(os.path.join(dest_dir, f".{base}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    reservation: tuple[int, str] | None = None
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AgentError("busy", f"{dest_relative} is being built by another process") from None
         _remove_partials(dest_dir, base)
-        vfs = os.statvfs(dest_dir)
-        free = vfs.f_bavail * vfs.f_frsize
-        if free < need:
-            raise AgentError(
-                "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
-            )
-        fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
+        fd, temp_path, reservation = _reserve_space(dest_root, dest_relative, need)
         try:
             yield fd, temp_path
             os.fchmod(fd, 0o644)
@@ -623,7 +627,147 @@ def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterato
             raise
         os.close(fd)
     finally:
+        if reservation is not None:  # the file holds its bytes itself now, or is gone
+            _release(*reservation)
         os.close(lock_fd)
+
+
+def _reserve_space(root: str, dest_relative: str, need: int) -> tuple[int, str, tuple[int, str]]:
+    """A new temporary file (descriptor, path) for the archive ``dest_relative`` of the buffer
+    at ``root``, and the reservation of ``need`` bytes of the buffer for it (to ``_release``).
+
+    Assemblies into one buffer run in separate processes, possibly started from different hosts
+    (a build in place, a ``receive`` of a stream), and the buffer's filesystem is all they
+    share; free space alone would let two of them start on room for one, and one would then
+    run out of space mid-write. So each registers its need in a file under ``RESERVATIONS``
+    and holds a lock on that file while it writes; it starts only if its need fits into the
+    free space less what the others' reservations still need (their need less what their
+    temporary files hold already). Counting and registering happen under one lock of the whole
+    buffer, so two never count the same free space. A reservation nobody holds a lock on
+    belonged to a process that died writing: ``_reservations`` clears it.
+    """
+    directory = os.path.join(root, RESERVATIONS)
+    os.makedirs(directory, exist_ok=True)
+    dest_dir = os.path.dirname(os.path.join(root, dest_relative))
+    with _reservations_locked(directory):
+        others = _reservations(root, directory)
+        vfs = os.statvfs(dest_dir)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < need:
+            raise AgentError(
+                "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
+            )
+        reserved = sum(left for _, left in others)
+        if free - reserved < need:
+            holders = ", ".join(f"{archive} ({left} bytes to go)" for archive, left in others)
+            raise AgentError(
+                "reserved",
+                f"{dest_dir} has room only once the packages being written into it are done: "
+                f"need {need} bytes, have {free}, of which {reserved} are reserved by {holders}",
+            )
+        base = os.path.basename(dest_relative)
+        fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
+        try:
+            ticket = _reserve(directory, dest_relative, need, os.path.relpath(temp_path, root))
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp_path)
+            raise
+    return fd, temp_path, ticket
+
+
+@contextlib.contextmanager
+def _reservations_locked(directory: str) -> Iterator[None]:
+    """The buffer-wide lock under which reservations are counted and made."""
+    fd = os.open(os.path.join(directory, RESERVATIONS_LOCK), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + RESERVATIONS_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AgentError(
+                        "busy",
+                        f"the space reservations in {directory} stayed locked for "
+                        f"{RESERVATIONS_LOCK_SECONDS} s",
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _reservations(root: str, directory: str) -> list[tuple[str, int]]:
+    """(archive, bytes it still needs) of every assembly writing into the buffer now; called
+    under the buffer's lock, clearing the reservations of processes that died."""
+    live = []
+    for entry in sorted(os.listdir(directory)):
+        if not entry.endswith(".json"):
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # its process is writing; it wrote this file in full first
+                reservation = json.loads(os.pread(fd, 1 << 16, 0))
+                partial = os.path.join(root, check_relative_path(reservation["partial"]))
+                live.append((reservation["archive"], _still_needed(reservation["need"], partial)))
+                continue
+            if os.fstat(fd).st_nlink:  # never released (that unlinks it before unlocking)
+                _clear_stale(root, path, fd)
+        finally:
+            os.close(fd)
+    return live
+
+
+def _clear_stale(root: str, path: str, fd: int) -> None:
+    """Remove the reservation of a process that died writing, and its temporary file: that
+    will never be published, since nobody got its name. A crash then costs the buffer neither
+    reserved nor written space. The file may be empty if its process died making it."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AgentError, FileNotFoundError):
+        partial = json.loads(os.pread(fd, 1 << 16, 0))["partial"]
+        os.unlink(os.path.join(root, check_relative_path(partial)))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _still_needed(need: int, partial: str) -> int:
+    """What a reservation still claims of the free space: its need less the space its
+    temporary file takes already."""
+    try:
+        held = os.stat(partial).st_blocks * 512
+    except FileNotFoundError:
+        held = 0
+    return max(0, need - held)
+
+
+def _reserve(directory: str, archive: str, need: int, partial: str) -> tuple[int, str]:
+    """Make a reservation and take its lock, under the buffer's lock, so that nobody sees it
+    unlocked while its process lives."""
+    fd, path = tempfile.mkstemp(dir=directory, suffix=".json")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        record = {"archive": archive, "need": need, "partial": partial, "pid": os.getpid()}
+        os.write(fd, json.dumps(record).encode("utf-8"))
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd, path
+
+
+def _release(fd: int, path: str) -> None:
+    """Unlinked before its lock goes: a reservation found unlocked but still linked is then
+    certainly one whose process died."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
 
 
 def _ensure_dir(root: str, relative_dir: str) -> str:
