@@ -4,8 +4,12 @@ in real runs into a buffer that fills up or is switched off."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +25,9 @@ from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts
 from ccat_packaging_tests.dagster_helpers import run_partition
 from ccat_packaging_tests.package_checks import (
+    MB,
     assert_completed_and_intact,
+    big_file,
     leftovers,
     packages_of,
     single_site,
@@ -162,3 +168,135 @@ def test_an_unusable_primary_buffer_is_passed_over(world, small_disk, state: str
     with dg.instance_for_test() as instance:
         assert run_partition(instance, key).success
     assert_completed_and_intact(world, spare, packages_of(world)[0])
+
+
+# --- concurrent runs into a small buffer: real processes -----------------------------------------
+
+
+def _two_groups(world, small_disk: Path) -> tuple[int, int, str, str]:
+    """(site, buffer, key of a, key of b): two groups of one source, each a package of ~40 MiB
+    in two members, and a 64 MiB primary buffer that takes one of them at a time."""
+    site, src, buf, group_a, key_a = single_site(world, buffer_root=small_disk)
+    group_b = world.group(src)
+    key_b = f"src__eou{group_b.eou_id}__mod{group_b.module_id}"
+    for group, name in ((group_a, "a"), (group_b, "b")):
+        for i in (1, 2):
+            big_file(world, group, f"{name}{i}.dat", 20 * MB)
+    return site, buf, key_a, key_b
+
+
+class _Runs:
+    """Packaging runs in processes of their own on one Dagster home; the first one ``held``
+    after its first member is written into the buffer (``held_writer``) until ``go``."""
+
+    def __init__(self, tmp_path: Path, *keys: str) -> None:
+        self.tmp = tmp_path
+        self.home = tmp_path / "dagster_home"
+        self.home.mkdir()
+        self.hold = tmp_path / "hold"
+        self.hold.mkdir()
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            instance.add_dynamic_partitions("src_file_groups", list(keys))
+
+    def start(self, key: str, held: bool = False, **env: str) -> subprocess.Popen:
+        how = ["held_writer", str(self.hold), "run"] if held else ["run_partition_process"]
+        command = [sys.executable, "-m", f"ccat_packaging_tests.{how[0]}", *how[1:]]
+        with open(self.tmp / f"{key}.log", "wb") as log:
+            return subprocess.Popen(
+                [*command, str(self.home), key],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self, key: str) -> str:
+        return (self.tmp / f"{key}.log").read_text(errors="replace")[-3000:]
+
+    def until(self, condition: Callable[[], bool], key: str, run: subprocess.Popen, what: str):
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert run.poll() is None, f"{what}; the run ended: {self.log(key)}"
+            assert time.monotonic() < deadline, f"{what} within 120 s: {self.log(key)}"
+            time.sleep(0.05)
+
+    def messages(self) -> dict[str, str]:
+        """Every run's log messages, by partition."""
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            return {
+                run.tags["dagster/partition"]: "\n".join(
+                    e.user_message for e in instance.all_logs(run.run_id)
+                )
+                for run in instance.get_runs()
+            }
+
+
+def _package(world, key: str):
+    return {p.name.split("__part")[0]: p for p in packages_of(world)}.get(key)
+
+
+def test_concurrent_runs_into_a_buffer_too_small_for_both_fail_over_before_writing(
+    world, small_disk: Path, tmp_path: Path
+) -> None:
+    site, buf, key_a, key_b = _two_groups(world, small_disk)
+    spare = world.location(site, "spare", LocationType.BUFFER, priority=2)
+    runs = _Runs(tmp_path, key_a, key_b)
+    first = runs.start(key_a, held=True)
+    runs.until((runs.hold / "held").exists, key_a, first, "the first run never wrote")
+
+    second = runs.start(key_b)
+    assert second.wait(timeout=300) == 0, runs.log(key_b)
+    (runs.hold / "go").touch()
+    assert first.wait(timeout=300) == 0, runs.log(key_a)
+
+    messages = runs.messages()
+    assert not [key for key, text in messages.items() if "[ENOSPC]" in text]
+    a, b = _package(world, key_a), _package(world, key_b)
+    assert a is not None and b is not None
+    assert f"reserved by {a.relative_path} (" in messages[key_b]
+    assert_completed_and_intact(world, buf, a)
+    assert_completed_and_intact(world, spare, b)
+    assert leftovers(small_disk) == [] and leftovers(world.root(spare)) == []
+
+
+@pytest.mark.parametrize("first_run", ["completes", "is killed"])
+def test_with_one_small_buffer_the_second_run_waits_for_the_first(
+    world, small_disk: Path, tmp_path: Path, first_run: str
+) -> None:
+    """Retrying through the op retry policy: when the first package is done the buffer is
+    really full and the second fails for that reason; when its run dies the second takes the
+    space that run had reserved and written."""
+    _, buf, key_a, key_b = _two_groups(world, small_disk)
+    runs = _Runs(tmp_path, key_a, key_b)
+    first = runs.start(key_a, held=True)
+    runs.until((runs.hold / "held").exists, key_a, first, "the first run never wrote")
+    second = runs.start(key_b, CCAT_RETRY_BASE_SECONDS="3")
+
+    def waiting() -> bool:
+        b = _package(world, key_b)
+        return b is not None and "retrying after: SpaceReservedError" in (b.failure_reason or "")
+
+    runs.until(waiting, key_b, second, "the second run never waited for the first")
+    if first_run == "completes":
+        (runs.hold / "go").touch()
+        assert first.wait(timeout=300) == 0, runs.log(key_a)
+    else:
+        first.kill()
+        first.wait(timeout=60)
+    code = second.wait(timeout=300)
+
+    a, b = _package(world, key_a), _package(world, key_b)
+    assert a is not None and b is not None and b.retry_count >= 1
+    if first_run == "completes":
+        assert code == 1
+        assert_completed_and_intact(world, buf, a)
+        assert b.status == Status.FAILED
+        assert "InsufficientSpaceError: no active buffer" in (b.failure_reason or "")
+        assert "not enough space" in (b.failure_reason or "")
+    else:
+        assert code == 0, runs.log(key_b)
+        assert_completed_and_intact(world, buf, b)
+        assert a.status == Status.IN_PROGRESS  # its run died: the sensor resumes it later
+    messages = runs.messages()
+    assert f"reserved by {a.relative_path} (" in messages[key_b]
+    assert not [key for key, text in messages.items() if "[ENOSPC]" in text]
+    assert leftovers(small_disk) == []
