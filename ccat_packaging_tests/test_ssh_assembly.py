@@ -23,7 +23,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from ccat_packaging.assembly import archive
+from ccat_packaging.assembly import archive, tar_agent
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.assembly.hosts import is_same_host
 from ccat_packaging.errors import (
@@ -36,6 +36,7 @@ from ccat_packaging.errors import (
     PackagingError,
     RetryableError,
     SourceFileError,
+    SpaceReservedError,
     UnsafePathError,
 )
 from ccat_packaging.plans import Endpoint, PackagePlan
@@ -461,6 +462,30 @@ def test_not_enough_space_at_the_buffer_is_a_clear_error(
         assert "location 'small_buffer'" in str(info.value)
         assert not info.value.retryable
         assert eventually(lambda: leftovers(small_disk) == [])
+
+
+@pytest.mark.parametrize("buffer_at", ["a", "b"])
+def test_space_reserved_at_the_buffer_by_another_package_is_retryable_and_named(
+    ssh_lab: SshLab, hosts: AssemblyHosts, tmp_path: Path, buffer_at: str
+) -> None:
+    """Built in place on the source's host or received from it on another: the agent there
+    sees the reservation of a package this process is writing into the buffer."""
+    write_tree(tmp_path / "src", {"big.dat": os.urandom(3 << 20)})
+    server = ssh_lab.a if buffer_at == "a" else ssh_lab.b
+    with tmpfs(tmp_path / "small_disk", "4m") as small_disk:
+        plan, dest = plan_for(
+            ssh_lab.a.endpoint(tmp_path / "src", "src"),
+            server.endpoint(small_disk, "small_buffer"),
+            (("big.dat", 3 << 20),),
+        )
+        with (
+            tar_agent._temporary_archive(str(small_disk), "other/held.tar", 3 << 20),
+            pytest.raises(SpaceReservedError, match=r"reserved by other/held\.tar \(") as info,
+        ):
+            archive.assemble(hosts, plan, dest)
+        assert "location 'small_buffer'" in str(info.value)
+        assert info.value.retryable
+        assert eventually(lambda: not list(small_disk.rglob(".pkg.tar.partial.*")))
 
 
 def sparse_tree(root: Path, files: int, size: int) -> tuple[tuple[str, int], ...]:
