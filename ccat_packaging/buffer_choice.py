@@ -72,6 +72,7 @@ def assemble_at_first_usable_buffer(
     not the buffer's fault: it is raised at once, since every buffer would fail the same way.
     """
     problems: list[str] = []
+    unreachable: HostUnreachableError | None = None
     reserved = False
     for buffer in buffers:
         try:
@@ -83,10 +84,17 @@ def assemble_at_first_usable_buffer(
             if exc.host != buffer.host or buffer.host == plan.source.host:
                 raise
             problems.append(f"{buffer.location_name}: {exc}")
+            unreachable = exc
         passed_over(f"buffer {buffer.location_name} unusable: {problems[-1]}")
+    summary = "; ".join(problems)
+    # A buffer that is reserved or unreachable may take the package later: worth a retry.
     if reserved:
         raise SpaceReservedError(
             "no active buffer can take the package before the packages being written into it "
-            "are done: " + "; ".join(problems)
+            f"are done: {summary}"
         )
-    raise InsufficientSpaceError("no active buffer can take the package: " + "; ".join(problems))
+    if unreachable is not None:
+        raise HostUnreachableError(
+            f"no active buffer can take the package now: {summary}", host=unreachable.host
+        )
+    raise InsufficientSpaceError(f"no active buffer can take the package: {summary}")

@@ -90,6 +90,19 @@ def test_an_unreachable_buffer_host_is_passed_over_for_the_next_buffer(tmp_path:
     assert why.startswith("buffer far unusable:") and "127.0.0.6" in why
 
 
+def test_no_reachable_buffer_is_retryable_not_a_lack_of_space(tmp_path: Path) -> None:
+    """The only buffer's host is down: the package waits for it through the op retries
+    instead of failing for good as if the buffer were full."""
+    source = _endpoint(1, "src", "localhost", tmp_path / "src")
+    closed = _endpoint(2, "far", "127.0.0.6", tmp_path / "far", free_port("127.0.0.6"))
+    passed: list[str] = []
+    hosts = AssemblyHosts()
+    with pytest.raises(HostUnreachableError, match=r"no active buffer .* now: far: .*127\.0\.0\.6"):
+        assemble_at_first_usable_buffer(hosts, _plan(source, tmp_path), [closed], passed.append)
+    hosts.close()
+    assert len(passed) == 1 and leftovers(tmp_path / "far") == []
+
+
 def test_an_unreachable_source_host_is_not_a_reason_to_fail_over(tmp_path: Path) -> None:
     source = _endpoint(1, "src", "127.0.0.7", tmp_path / "src", free_port("127.0.0.7"))
     first = _endpoint(2, "buf", "localhost", tmp_path / "buf")
