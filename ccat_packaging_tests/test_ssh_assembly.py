@@ -564,7 +564,10 @@ def test_one_connection_per_host_is_reused_across_steps(
     built = archive.assemble(hosts, plan, dest)
     archive.verify(hosts, plan, built)
     archive.discard(hosts, built)
-    archive.assemble(hosts, plan, dest)
+    assert not Path(built.temp_path).exists()
+    again = archive.assemble(hosts, plan, dest)
+    assert again.checksum == built.checksum and Path(again.temp_path).stat().st_size == built.size
+    assert (built.host, again.host) == (ssh_lab.a.address, ssh_lab.a.address)
     assert connections() - before == 2
     hosts.close()
     assert eventually(lambda: connections() == before)
