@@ -9,9 +9,11 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.definitions import defs
+from ccat_packaging.discovery import GroupKey
 from ccat_packaging.jobs import BuiltPackage
 from ccat_packaging.models import (
     LocationType,
@@ -199,3 +201,22 @@ def test_an_archive_damaged_between_assembly_and_checksum_is_never_published(
     assert not damaged[0].exists()  # discarded, not left to the next attempt
     with world.session() as s:
         assert s.scalars(select(RawDataPackagePhysicalCopy)).all() == []
+
+
+def test_a_package_another_live_run_is_building_is_left_to_it(world) -> None:
+    """A backfill of a group whose package a sensor run is building right now must not
+    build it a second time beside it: the other run's lease is fresh."""
+    group, buf, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    with world.session() as s:
+        claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100), "live-sensor-run")
+        s.execute(update(RawDataPackage).values(status=Status.IN_PROGRESS))
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert result.success
+    [package] = _packages(world)
+    assert (package.status, package.lease_owner) == (Status.IN_PROGRESS, "live-sensor-run")
+    assert (package.size, package.checksum) == (None, None)
+    assert [p for p in world.root(buf).rglob("*") if ".lock" not in p.name and p.is_file()] == []
+    built = result.output_for_node("assemble_tar")[f"part{package.part:03d}"]
+    assert built.archive is None
