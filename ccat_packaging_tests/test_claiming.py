@@ -102,12 +102,26 @@ def test_a_group_over_the_cap_becomes_numbered_parts_in_one_run(world, monkeypat
     assert sorted(seen) == sorted(names) and len(seen) == len(set(seen))
 
 
-def test_a_file_claimed_between_select_and_update_is_never_taken_twice(any_world) -> None:
+# When the rival commits its claim: after this claimer listed the files as unclaimed (only
+# the claim's IS NULL condition can notice), or after it also numbered its new part (the
+# part's unique key notices first). The statement this claimer has just run, and its error.
+RIVAL_MOMENTS = {
+    "files listed": ("package_id IS NULL", "claimed some of these files"),
+    "part numbered": ("max(raw_data_package.part)", "part 1 was created by another run"),
+}
+
+
+@pytest.mark.parametrize("moment", RIVAL_MOMENTS)
+def test_a_file_claimed_between_select_and_update_is_never_taken_twice(
+    any_world, moment: str
+) -> None:
     """The claim's ``IS NULL`` condition is the guarantee on every backend. On PostgreSQL the
     ``FOR UPDATE`` row lock hides it (a rival waits, then sees the files claimed); here the
     lock is taken out of the statement, and SQLite has none: a rival claims and commits the
-    files after this claimer has listed them as unclaimed, before it claims them."""
+    files after this claimer has listed them as unclaimed, before it claims them. Nothing of
+    the losing claim may stay behind (no empty part)."""
     world = any_world
+    after, error = RIVAL_MOMENTS[moment]
     _, _, _, group, key = single_site(world)
     for i in range(5):
         world.file(group, f"{i}.dat", b"x", write=False)
@@ -123,14 +137,13 @@ def test_a_file_claimed_between_select_and_update_is_never_taken_twice(any_world
     @event.listens_for(engine, "after_cursor_execute")
     def rival_claims_after_the_listing(*args: Any) -> None:
         statement: str = args[2]
-        listing = statement.lstrip().startswith("SELECT") and "package_id IS NULL" in statement
-        if listing and not rival_plans:
+        if statement.lstrip().startswith("SELECT") and after in statement and not rival_plans:
             with session_scope(rival) as s:
                 rival_plans.extend(claim_packages(s, group_key, limits, "rival-run"))
 
     try:
         with (
-            pytest.raises(ClaimConflictError, match="claimed some of these files"),
+            pytest.raises(ClaimConflictError, match=error),
             session_scope(engine) as s,
         ):
             claim_packages(s, group_key, limits, "this-run")
