@@ -183,9 +183,12 @@ def _new_parts(
             instrument_module_id=key.instrument_module_id,
             part=part,
         )
+        # No savepoint: a conflict abandons the whole transaction anyway, and on SQLite
+        # (pysqlite begins no transaction before the SELECTs above) releasing the savepoint
+        # would commit the part at once, leaving it behind empty when the claim fails.
+        session.add(package)
         try:
-            with session.begin_nested():
-                session.add(package)
+            session.flush()
         except IntegrityError:
             raise ClaimConflictError(
                 f"{key}: part {part} was created by another run at the same moment"

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import tarfile
 import threading
+from typing import Any
 
 import dagster as dg
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import event, func, select
 
 from ccat_packaging.claiming import PackageLimits, claim_packages, split_into_parts
 from ccat_packaging.db import make_engine, session_scope
 from ccat_packaging.discovery import GroupKey
+from ccat_packaging.errors import ClaimConflictError
 from ccat_packaging.models import LocationType, RawDataFile, RawDataPackage
+from ccat_packaging.plans import PackagePlan
 from ccat_packaging_tests.dagster_helpers import run_partition
 from ccat_packaging_tests.package_checks import (
     assert_completed_and_intact,
@@ -96,3 +100,60 @@ def test_a_group_over_the_cap_becomes_numbered_parts_in_one_run(world, monkeypat
         assert sum(m.size for m in members) <= 25_000
         seen += [m.name for m in members]
     assert sorted(seen) == sorted(names) and len(seen) == len(set(seen))
+
+
+# When the rival commits its claim: after this claimer listed the files as unclaimed (only
+# the claim's IS NULL condition can notice), or after it also numbered its new part (the
+# part's unique key notices first). The statement this claimer has just run, and its error.
+RIVAL_MOMENTS = {
+    "files listed": ("package_id IS NULL", "claimed some of these files"),
+    "part numbered": ("max(raw_data_package.part)", "part 1 was created by another run"),
+}
+
+
+@pytest.mark.parametrize("moment", RIVAL_MOMENTS)
+def test_a_file_claimed_between_select_and_update_is_never_taken_twice(
+    any_world, moment: str
+) -> None:
+    """The claim's ``IS NULL`` condition is the guarantee on every backend. On PostgreSQL the
+    ``FOR UPDATE`` row lock hides it (a rival waits, then sees the files claimed); here the
+    lock is taken out of the statement, and SQLite has none: a rival claims and commits the
+    files after this claimer has listed them as unclaimed, before it claims them. Nothing of
+    the losing claim may stay behind (no empty part)."""
+    world = any_world
+    after, error = RIVAL_MOMENTS[moment]
+    _, _, _, group, key = single_site(world)
+    for i in range(5):
+        world.file(group, f"{i}.dat", b"x", write=False)
+    group_key, limits = GroupKey.parse(key), PackageLimits(10**9, 100)
+    engine, rival = make_engine(world.url), make_engine(world.url)
+    rival_plans: list[PackagePlan] = []
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def without_row_lock(*args: Any) -> tuple[str, Any]:
+        statement, parameters = args[2], args[3]
+        return statement.replace(" FOR UPDATE", ""), parameters
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def rival_claims_after_the_listing(*args: Any) -> None:
+        statement: str = args[2]
+        if statement.lstrip().startswith("SELECT") and after in statement and not rival_plans:
+            with session_scope(rival) as s:
+                rival_plans.extend(claim_packages(s, group_key, limits, "rival-run"))
+
+    try:
+        with (
+            pytest.raises(ClaimConflictError, match=error),
+            session_scope(engine) as s,
+        ):
+            claim_packages(s, group_key, limits, "this-run")
+    finally:
+        engine.dispose()
+        rival.dispose()
+    [rival_plan] = rival_plans
+    assert len(rival_plan.members) == 5, "the rival did not claim while this claimer listed"
+    [package] = packages_of(world)  # the rival's; this claimer's part was rolled back
+    assert (package.id, package.lease_owner) == (rival_plan.package_id, "rival-run")
+    with world.session() as s:
+        owners = s.scalars(select(RawDataFile.raw_data_package_id)).all()
+    assert owners == [package.id] * 5

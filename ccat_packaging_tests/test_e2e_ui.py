@@ -12,6 +12,7 @@ the expected names are on each page and saves screenshots under ``test-artifacts
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
@@ -183,6 +184,21 @@ def _step_times(instance: dg.DagsterInstance, run_id: str, step: str) -> list[fl
     return [e.timestamp for e in events if str(e.step_key).startswith(step)]
 
 
+def _blocked_by_the_pool(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    """When the run's assembly step was first refused a slot of the host's pool, if it was."""
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+    return next(
+        (
+            e.timestamp
+            for e in events
+            if str(e.step_key).startswith("assemble_tar")
+            and e.dagster_event is not None
+            and e.dagster_event.message == f"Step blocked by limit for pool {POOL}"
+        ),
+        None,
+    )
+
+
 def _both_wait_for_the_pool(instance: dg.DagsterInstance, backfill_id: str) -> bool:
     runs = {r.dagster_run.run_id for r in _runs(instance, **{"dagster/backfill": backfill_id})}
     pending = instance.event_log_storage.get_concurrency_info(POOL).pending_run_ids
@@ -299,16 +315,29 @@ def test_sensors_backfill_reexecution_and_the_ui(
             raise AssertionError(
                 f"{timeout}\n{_pool_report(instance, deployment, backfill_id)}"
             ) from None
-        time.sleep(2)
         backfill_runs = _runs(instance, **{"dagster/backfill": backfill_id})
         assert len(backfill_runs) == 2
-        for record in backfill_runs:
-            assert _step_times(instance, record.dagster_run.run_id, "assemble_tar") == []
+        # Each run's assembly asked the pool for the slot and was refused it...
+        blocked_at = {
+            run_id: wait_for(
+                f"run {run_id}'s assembly to be blocked by the pool",
+                functools.partial(_blocked_by_the_pool, instance, run_id),
+                timeout=60,
+            )
+            for run_id in (r.dagster_run.run_id for r in backfill_runs)
+        }
+        for run_id in blocked_at:
+            assert _step_times(instance, run_id, "assemble_tar") == []
+        released_at = time.time()
         storage.free_concurrency_slots_for_run(HOLDER)
         backfill = wait_for(
             "the backfill", lambda: _finished_backfill(instance, backfill_id), timeout=120
         )
         assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS
+        # ...and started only once the holder had given the slot back.
+        for run_id, blocked in blocked_at.items():
+            started = _step_times(instance, run_id, "assemble_tar")[0]
+            assert blocked < released_at < started, (blocked, released_at, started)
         _assert_assemblies_one_at_a_time(instance, backfill_runs)
         packages = _packages(world)
         redriven = packages[site.package(site.b)]

@@ -151,6 +151,9 @@ def test_concurrent_runs_of_one_group_produce_one_package(world, tmp_path) -> No
 
 
 def test_database_connections_terminated_mid_run_are_survived(world, pg_admin, monkeypatch) -> None:
+    """Every connection of the run is terminated while it assembles (the heartbeat's among
+    them: it carries on), and then the checksum step's own, in the middle of its UPDATE: the
+    step fails with the database unavailable, is retried, and the package completes."""
     monkeypatch.setenv("CCAT_RETRY_BASE_SECONDS", "0")
     monkeypatch.setenv("CCAT_STALE_AFTER_SECONDS", "1")  # heartbeat every 0.25 s
     _, _, buf, group, key = single_site(world)
@@ -158,33 +161,58 @@ def test_database_connections_terminated_mid_run_are_survived(world, pg_admin, m
         big_file(world, group, f"f{i}.dat", 256 * MB)
     db_name = world.url.rsplit("/", 1)[1]
     killed: list[int] = []
+    cut_off: list[str] = []  # statements terminated in the middle, waiting for the package's row
 
-    def terminate_once_assembly_runs() -> None:
+    def terminate(condition: str) -> None:
+        with pg_admin.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid), state, query FROM pg_stat_activity "
+                    f"WHERE datname = :d AND pid <> pg_backend_pid() AND {condition}"
+                ),
+                {"d": db_name},
+            ).all()
+        killed.extend(1 for ok, _, _ in rows if ok)
+        cut_off.extend(str(query) for ok, state, query in rows if ok and state == "active")
+
+    def checksum_cut_off() -> bool:
+        return any("checksum" in query for query in cut_off)
+
+    def terminate_while_the_run_works() -> None:
         deadline = time.monotonic() + 120
         while not list(world.root(buf).rglob(".*.partial.*")) and time.monotonic() < deadline:
             time.sleep(0.005)
-        for _ in range(3):
-            with pg_admin.connect() as conn:
-                rows = conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :d AND pid <> pg_backend_pid()"
-                    ),
-                    {"d": db_name},
-                ).all()
-            killed.extend(1 for r in rows if r[0])
-            time.sleep(0.3)
+        # Hold the package's row from now on: its next UPDATE waits, and is terminated waiting.
+        with world.engine.connect() as holder, holder.begin():
+            holder_pid = holder.scalar(text("SELECT pg_backend_pid()"))
+            holder.execute(text("SELECT id FROM raw_data_package FOR UPDATE"))
+            for _ in range(3):
+                terminate(f"pid <> {holder_pid}")  # every connection of the run
+                time.sleep(0.3)
+            while time.monotonic() < deadline and not checksum_cut_off():
+                terminate("wait_event_type = 'Lock'")
+                time.sleep(0.02)
 
     job = defs().resolve_job_def(job_name("src"))
-    thread = threading.Thread(target=terminate_once_assembly_runs)
+    thread = threading.Thread(target=terminate_while_the_run_works)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("src_file_groups", [key])
         thread.start()
         result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
         thread.join()
-    assert killed, "no connection was terminated: the test did not test anything"
+        messages = [r.user_message for r in instance.all_logs(result.run_id)]
+    assert killed, "no connection was terminated during assembly"
+    assert checksum_cut_off(), f"the checksum step was never cut off: {cut_off}"
     assert result.success
-    assert_completed_and_intact(world, buf, packages_of(world)[0])
+    [retry] = [
+        e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+    assert str(retry.step_key).startswith("checksum")
+    assert "OperationalError" in str(retry.event_specific_data)  # the driver's error...
+    assert any("attempt 1 failed (DatabaseUnavailableError" in m for m in messages)  # ...judged
+    [package] = packages_of(world)
+    assert_completed_and_intact(world, buf, package)
+    assert package.retry_count == 1  # the retry was counted, once
 
 
 LAUNCH_RUN = """

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 
+from ccat_packaging.claiming import PackageLimits, claim_packages
+from ccat_packaging.definitions import defs
+from ccat_packaging.discovery import GroupKey
+from ccat_packaging.jobs import BuiltPackage
 from ccat_packaging.models import (
     LocationType,
     PhysicalCopyStatus,
@@ -17,6 +23,7 @@ from ccat_packaging.models import (
     RawDataPackagePhysicalCopy,
     Status,
 )
+from ccat_packaging.names import job_name, partitions_name
 from ccat_packaging_tests.dagster_helpers import run_partition
 
 FILES = [
@@ -133,3 +140,83 @@ def test_a_missing_source_file_fails_without_publishing(world, tmp_path: Path) -
     message = str(result.get_step_failure_events()[0].step_failure_data.error)
     assert "SourceFileError" in message and FILES[1] in message
     assert [p for p in world.root(buf).rglob("*") if p.is_file() and ".lock" not in p.name] == []
+
+
+def _truncate(path: Path) -> None:
+    """The last record is lost, as after a crash of the disk's cache."""
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 10240)
+
+
+def _flip_header_byte(member: int) -> Callable[[Path], None]:
+    """A bit flipped in the name of a member's header (the first member's or a later one's)."""
+
+    def damage(path: Path) -> None:
+        with tarfile.open(path) as archive:
+            offsets = [m.offset for m in archive]
+        with open(path, "r+b") as handle:
+            handle.seek(offsets[member])
+            first = handle.read(1)
+            handle.seek(offsets[member])
+            handle.write(bytes([first[0] ^ 0x01]))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, _flip_header_byte(0), _flip_header_byte(2)],
+    ids=["truncated", "first header corrupted", "later header corrupted"],
+)
+def test_an_archive_damaged_between_assembly_and_checksum_is_never_published(
+    world, damage: Callable[[Path], None]
+) -> None:
+    """The checksum step's verify is all that stands between a damaged temporary archive and
+    the buffer: the damage happens in a real run, right after assemble_tar succeeded."""
+    group, buf, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    damaged: list[Path] = []
+
+    @dg.success_hook
+    def damage_the_temporary_archive(context: dg.HookContext) -> None:
+        if context.op.name == "assemble_tar":
+            built = context.op_output_values["result"]  # a mapped step's one output
+            assert isinstance(built, BuiltPackage) and built.archive is not None
+            damaged.append(Path(built.archive.temp_path))
+            damage(damaged[-1])
+
+    job = defs().resolve_job_def(job_name("src")).with_hooks({damage_the_temporary_archive})
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(partitions_name("src"), [key])
+        result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+    assert len(damaged) == 1, "the hook never ran: nothing was damaged"
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert str(failure.step_key).startswith("checksum")
+    [package] = _packages(world)
+    assert package.status == Status.FAILED and package.retry_count == 0
+    assert (package.failure_reason or "").startswith("ArchiveVerificationError")
+    assert (package.size, package.checksum) == (None, None)
+    assert not (world.root(buf) / package.relative_path).exists()
+    assert not damaged[0].exists()  # discarded, not left to the next attempt
+    with world.session() as s:
+        assert s.scalars(select(RawDataPackagePhysicalCopy)).all() == []
+
+
+def test_a_package_another_live_run_is_building_is_left_to_it(world) -> None:
+    """A backfill of a group whose package a sensor run is building right now must not
+    build it a second time beside it: the other run's lease is fresh."""
+    group, buf, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    with world.session() as s:
+        claim_packages(s, GroupKey.parse(key), PackageLimits(10**9, 100), "live-sensor-run")
+        s.execute(update(RawDataPackage).values(status=Status.IN_PROGRESS))
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, key)
+    assert result.success
+    [package] = _packages(world)
+    assert (package.status, package.lease_owner) == (Status.IN_PROGRESS, "live-sensor-run")
+    assert (package.size, package.checksum) == (None, None)
+    assert [p for p in world.root(buf).rglob("*") if ".lock" not in p.name and p.is_file()] == []
+    built = result.output_for_node("assemble_tar")[f"part{package.part:03d}"]
+    assert built.archive is None

@@ -25,8 +25,9 @@ import pytest
 
 from ccat_packaging.assembly import archive, tar_agent
 from ccat_packaging.assembly.archive import AssembledArchive
-from ccat_packaging.assembly.hosts import is_same_host
+from ccat_packaging.assembly.hosts import AgentProcess, is_same_host
 from ccat_packaging.errors import (
+    ArchiveVerificationError,
     AuthenticationFailedError,
     CommandTimeoutError,
     ConfigurationError,
@@ -154,6 +155,19 @@ def eventually(check: Callable[[], bool], seconds: float = 10) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def assert_built_over_ssh(
+    built: AssembledArchive, server: SshServer, contents: dict[str, bytes]
+) -> None:
+    """The agent ran on ``server`` and left there an archive of exactly ``contents`` whose
+    sha256 is the one it reported: the command did its work, not merely returned."""
+    assert built.via_ssh and built.buffer.host == server.address
+    data = Path(built.temp_path).read_bytes()  # the lab's hosts share this file system
+    assert len(data) == built.size and hashlib.sha256(data).hexdigest() == built.checksum
+    with tarfile.open(built.temp_path) as tar:
+        found = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    assert found == contents
 
 
 MakeHosts = Callable[..., AssemblyHosts]
@@ -377,11 +391,15 @@ def test_trusting_unknown_hosts_is_an_opt_in_that_records_the_key(
     )
     with pytest.raises(ConfigurationError, match="does not exist"):
         archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan, dest)
+    assert not known_hosts.exists() and leftovers(tmp_path / "buf") == []
     hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=True)
-    archive.assemble(hosts, plan, dest)
+    assert_built_over_ssh(archive.assemble(hosts, plan, dest), ssh_lab.a, {"a.dat": b"abc"})
     hosts.close()
-    assert ssh_lab.a.host_public_key.split()[1] in known_hosts.read_text()
-    archive.assemble(make_hosts(known_hosts=str(known_hosts)), plan, dest)  # now a known host
+    [line] = known_hosts.read_text().splitlines()
+    assert line.split()[1:] == ssh_lab.a.host_public_key.split()[:2]
+    assert line.split()[0] == f"[{ssh_lab.a.address}]:{ssh_lab.a.port}"
+    hosts = make_hosts(known_hosts=str(known_hosts))  # now a known host, trusted or not
+    assert_built_over_ssh(archive.assemble(hosts, plan, dest), ssh_lab.a, {"a.dat": b"abc"})
 
 
 def test_a_key_the_host_does_not_accept_is_an_authentication_error(
@@ -418,8 +436,10 @@ def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: 
                 if passphrase == "wrong":
                     with pytest.raises(ConfigurationError, match="cannot load the SSH key"):
                         archive.assemble(hosts, plan, dest)
+                    assert leftovers(tmp_path / "buf") == []
                 else:
-                    archive.assemble(hosts, plan, dest)
+                    built = archive.assemble(hosts, plan, dest)
+                    assert_built_over_ssh(built, server, {"a.dat": b"abc"})
             finally:
                 hosts.close()
 
@@ -598,7 +618,10 @@ def test_one_connection_per_host_is_reused_across_steps(
     built = archive.assemble(hosts, plan, dest)
     archive.verify(hosts, plan, built)
     archive.discard(hosts, built)
-    archive.assemble(hosts, plan, dest)
+    assert not Path(built.temp_path).exists()
+    again = archive.assemble(hosts, plan, dest)
+    assert again.checksum == built.checksum and Path(again.temp_path).stat().st_size == built.size
+    assert built.via_ssh and again.via_ssh
     assert connections() - before == 2
     hosts.close()
     assert eventually(lambda: connections() == before)
@@ -646,3 +669,75 @@ def test_paramiko_starts_no_key_exchange_within_a_package(
         built = archive.assemble(hosts, plan, dest)
     assert built.size > 64 << 20
     assert [r.message for r in caplog.records if "Rekeying" in r.message] == []
+
+
+class _FlippingSender:
+    """A sender whose first block of more than 1000 bytes reaches the receiver with one bit
+    flipped; ``flipped`` records that it happened."""
+
+    def __init__(self, sender: AgentProcess, flipped: list[int]) -> None:
+        self._sender = sender
+        self._flipped = flipped
+
+    def read(self, size: int) -> bytes:
+        block = self._sender.read(size)
+        if len(block) > 1000 and not self._flipped:
+            self._flipped.append(1000)
+            block = block[:1000] + bytes([block[1000] ^ 0x01]) + block[1001:]
+        return block
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sender, name)
+
+
+def flip_one_bit_in_transit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on the worker flips one bit of the first archive it streams between hosts
+    (the real agents send and receive); the list says where, once it has."""
+    flipped: list[int] = []
+    pump = archive._pump
+
+    def flipping_pump(sender: AgentProcess, receiver: AgentProcess, need: int) -> None:
+        pump(_FlippingSender(sender, flipped), receiver, need)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archive, "_pump", flipping_pump)
+    return flipped
+
+
+STREAMS = {
+    "ssh host to another ssh host": ("a", "b"),
+    "ssh host to this machine": ("a", "local"),
+    "this machine to an ssh host": ("local", "b"),
+}
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+def test_a_byte_flipped_in_transit_fails_and_the_buffer_keeps_nothing(
+    ssh_lab: SshLab,
+    hosts: AssemblyHosts,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stream: str,
+) -> None:
+    """Only the receiver can notice damage on the way (the worker's copy, a network card):
+    it compares what it wrote with the sender's checksum and keeps nothing if they differ.
+    The real agents run on the real hosts; this worker flips one bit as it passes a block on."""
+    source_at, buffer_at = STREAMS[stream]
+    servers = {"a": ssh_lab.a, "b": ssh_lab.b}
+
+    def endpoint(at: str, root: Path, name: str) -> Endpoint:
+        return local(root, name) if at == "local" else servers[at].endpoint(root, name)
+
+    write_tree(tmp_path / "src", {"a.dat": os.urandom(3 << 20), "b.dat": os.urandom(10)})
+    (tmp_path / "buffer").mkdir()
+    plan, dest = plan_for(
+        endpoint(source_at, tmp_path / "src", "src"),
+        endpoint(buffer_at, tmp_path / "buffer", "buf"),
+        (("a.dat", 3 << 20), ("b.dat", 10)),
+    )
+    flipped = flip_one_bit_in_transit(monkeypatch)
+    with pytest.raises(ArchiveVerificationError) as info:
+        archive.assemble(hosts, plan, dest)
+    assert flipped, "no block passed through this worker: nothing was streamed"
+    assert not info.value.retryable
+    assert eventually(lambda: leftovers(tmp_path / "buffer") == []), leftovers(tmp_path / "buffer")
+    assert eventually(lambda: remote_agents() == []), remote_agents()

@@ -22,8 +22,13 @@ from ccat_packaging.cli import main
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.resources import AssemblyHosts
 from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.package_checks import leftovers, packages_of
 from ccat_packaging_tests.sshd import SshLab
-from ccat_packaging_tests.test_ssh_assembly import HOSTILE_NAMES
+from ccat_packaging_tests.test_ssh_assembly import (
+    HOSTILE_NAMES,
+    eventually,
+    flip_one_bit_in_transit,
+)
 
 pytest_plugins = ["ccat_packaging_tests.ssh_fixtures"]
 
@@ -140,3 +145,33 @@ def test_verify_hashes_a_package_on_its_buffer_host_over_ssh(
     assert check.ok and check.path == str(world.root(buffer) / copy.relative_path)
     assert main(["verify", copy.package]) == 0
     assert f"OK {copy.package} at remote_buf" in capsys.readouterr().out
+
+
+def test_a_byte_flipped_between_source_and_buffer_host_fails_the_package(
+    world, ssh_env: SshLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream from one SSH host to another passes through this worker; a bit flipped on
+    the way fails the package at once (retrying would not tell good bytes from bad) and the
+    buffer host keeps nothing."""
+    lab = ssh_env
+    site = world.site()
+    source = world.location(
+        site, "remote_src", LocationType.SOURCE, host=lab.a.address, port=lab.a.port, user="root"
+    )
+    buffer = world.location(
+        site, "buf", LocationType.BUFFER, host=lab.b.address, port=lab.b.port, user="root"
+    )
+    group = world.group(source)
+    world.file_bytes(group, "frame.fits", size=200_000)
+    flipped = flip_one_bit_in_transit(monkeypatch)
+    with dg.instance_for_test() as instance:
+        result = run_partition(instance, f"remote_src__eou{group.eou_id}__mod{group.module_id}")
+    assert flipped, "nothing was streamed between the hosts"
+    assert not result.success
+    [package] = packages_of(world)
+    assert package.status == Status.FAILED and package.retry_count == 0
+    assert (package.failure_reason or "").startswith("ArchiveVerificationError")
+    assert "sender's checksum" in (package.failure_reason or "")
+    assert (package.size, package.checksum) == (None, None)
+    assert not (world.root(buffer) / package.relative_path).exists()
+    assert eventually(lambda: leftovers(world.root(buffer)) == []), leftovers(world.root(buffer))

@@ -6,12 +6,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,10 +79,12 @@ def test_same_input_gives_same_bytes_and_replaces_stale_partials(tmp_path: Path)
     stale.write_bytes(b"half")
     first = _build(src, dest, members)
     assert not stale.exists()
+    first_bytes = Path(first["temp_path"]).read_bytes()  # before the second build clears it
     second = _build(src, dest, members)
     assert first["checksum"] == second["checksum"]
     assert not Path(first["temp_path"]).exists()  # the second build cleared it
-    assert Path(second["temp_path"]).read_bytes() == Path(second["temp_path"]).read_bytes()
+    assert Path(second["temp_path"]).read_bytes() == first_bytes
+    assert hashlib.sha256(first_bytes).hexdigest() == first["checksum"]
 
 
 @pytest.mark.parametrize(
@@ -596,3 +602,151 @@ def test_the_reservation_of_a_killed_writer_does_not_block_and_is_cleared(
     assert Path(built["ok"]["temp_path"]).stat().st_size == built["ok"]["size"]
     assert not partial.exists()  # the dead writer's half-written file went with its reservation
     assert _reservations(small_disk) == []
+
+
+def test_verify_reports_a_damaged_first_header_as_a_verification_error(tmp_path: Path) -> None:
+    """tarfile refuses such an archive outright; the agent must still answer with its own
+    error kind, or the caller cannot tell damage from a bug (and a remote agent would die
+    without a result line)."""
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": os.urandom(700), "b.dat": os.urandom(300)})
+    built = _build(src, dest, members)
+    with open(built["temp_path"], "r+b") as handle:
+        handle.write(b"A")  # the first byte of the first member's name
+    with pytest.raises(AgentError, match="not a valid archive") as info:
+        tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+    assert info.value.kind == "verification"
+
+
+def _receive(dest: Path, archive: bytes, checksum_line: bytes) -> dict:
+    arriving = dest.parent / "stream"
+    arriving.write_bytes(archive + checksum_line)
+    spec = tar_agent.ReceiveSpec(dest_root=str(dest), dest_relative="p/pkg.tar", size=len(archive))
+    with open(arriving, "rb") as stream:
+        return dict(tar_agent.receive(spec, stream))
+
+
+def _sent_archive(tmp_path: Path) -> tuple[bytes, str]:
+    """An archive as ``send`` writes it, and its checksum."""
+    members = _tree(tmp_path / "src", {"a.dat": os.urandom(3 << 20), "b.dat": os.urandom(5)})
+    read_end, write_end = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: chunks.extend(iter(lambda: os.read(read_end, 1 << 16), b""))
+    )
+    reader.start()
+    try:
+        sent = tar_agent.send({"source_root": str(tmp_path / "src"), "members": members}, write_end)
+    finally:
+        os.close(write_end)
+        reader.join()
+        os.close(read_end)
+    return b"".join(chunks), sent["checksum"]
+
+
+@pytest.mark.parametrize("case", ["a byte flipped in transit", "a wrong checksum", "no checksum"])
+def test_receive_keeps_nothing_unless_the_bytes_have_the_senders_checksum(
+    tmp_path: Path, case: str
+) -> None:
+    data, checksum = _sent_archive(tmp_path)
+    dest = tmp_path / "buf"
+    dest.mkdir()
+    good = _receive(dest, data, f"{checksum}\n".encode())
+    assert Path(good["temp_path"]).read_bytes() == data and good["checksum"] == checksum
+    flipped = bytearray(data)
+    flipped[2 << 20] ^= 0x01  # inside a's data, where verify would never look
+    arriving, line = {
+        "a byte flipped in transit": (bytes(flipped), f"{checksum}\n"),
+        "a wrong checksum": (data, f"{hashlib.sha256(b'other').hexdigest()}\n"),
+        "no checksum": (data, ""),
+    }[case]
+    with pytest.raises(AgentError, match="the sender's checksum was") as info:
+        _receive(dest, arriving, line.encode())
+    assert info.value.kind == "verification"
+    assert _leftovers(dest) == []  # neither this attempt's file nor the earlier good one
+
+
+# fsync is what makes an archive survive a crash of the machine, which a test cannot cause:
+# the agent runs here as the process it is on a remote host, under strace, and the test reads
+# the order of its system calls on the archive and its directory.
+STRACED = "trace=/^(f(data)?sync|rename(at2?)?|p?writev?(64)?|close)$"
+AGENT = Path(tar_agent.__file__)
+
+
+@dataclass(frozen=True)
+class Syscall:
+    name: str
+    target: str  # the path behind the descriptor, or rename's new name
+    ok: bool
+
+
+def _traced(tmp_path: Path, command: str, spec: dict, stdin: bytes = b"") -> list[Syscall]:
+    """Run ``python3 -I -S tar_agent.py COMMAND SPEC`` under strace; its calls in order."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is missing: run scripts/test-setup.sh (installs it)")
+    spec_file, log = tmp_path / f"{command}.json", tmp_path / f"{command}.strace"
+    spec_file.write_text(json.dumps(spec))
+    command_line = [sys.executable, "-I", "-S", str(AGENT), command, str(spec_file)]
+    done = subprocess.run(
+        [strace, "-f", "-qq", "-y", "-s", "0", "-o", str(log), "-e", STRACED, *command_line],
+        input=stdin,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = []
+    for line in log.read_text().splitlines():
+        found = re.match(r"\d+\s+(\w+)\((.*)\)\s+= (-?\d+)", line)
+        if found is None:
+            continue  # an unfinished or resumed call, a signal
+        name, args, code = found.groups()
+        if name.startswith("rename"):
+            target = re.findall(r'"([^"]*)"', args)[-1]
+        else:
+            target = re.match(r"\d+<(.*?)>", args).group(1) if "<" in args else ""  # type: ignore[union-attr]
+        calls.append(Syscall(name, target, code != "-1"))
+    return calls
+
+
+@pytest.mark.parametrize("command", ["build", "receive"])
+def test_an_archive_is_fsynced_after_its_last_byte(tmp_path: Path, command: str) -> None:
+    dest = tmp_path / "buf"
+    dest.mkdir()
+    if command == "build":
+        members = _tree(tmp_path / "src", {"a.dat": os.urandom(3 << 20), "b.dat": b"x"})
+        spec: dict = {
+            "source_root": str(tmp_path / "src"),
+            "members": members,
+            "dest_root": str(dest),
+            "dest_relative": "p/pkg.tar",
+        }
+        stdin = b""
+    else:
+        data, checksum = _sent_archive(tmp_path)
+        spec = {"dest_root": str(dest), "dest_relative": "p/pkg.tar", "size": len(data)}
+        stdin = data + f"{checksum}\n".encode()
+    calls = _traced(tmp_path, command, spec, stdin)
+    [temp] = [str(p) for p in dest.rglob(".pkg.tar.partial.*")]
+    on_temp = [c for c in calls if c.target == temp]
+    writes = [i for i, c in enumerate(on_temp) if c.name.startswith(("write", "pwrite"))]
+    syncs = [i for i, c in enumerate(on_temp) if c.name in ("fsync", "fdatasync") and c.ok]
+    closes = [i for i, c in enumerate(on_temp) if c.name == "close"]
+    assert writes, f"strace saw no write to {temp}: {calls}"
+    assert syncs and writes[-1] < syncs[-1] < closes[-1], on_temp
+
+
+def test_publish_fsyncs_the_directory_after_the_rename(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    built = _build(src, dest, _tree(src, {"a.dat": b"abc"}))
+    spec = {"temp_path": built["temp_path"], "dest_root": str(dest), "dest_relative": "p/pkg.tar"}
+    calls = _traced(tmp_path, "publish", spec)
+    final = dest / "p" / "pkg.tar"
+    assert final.exists()
+    [renamed] = [i for i, c in enumerate(calls) if c.name.startswith("rename") and c.ok]
+    assert calls[renamed].target == str(final)
+    assert any(
+        c.name == "fsync" and c.ok and c.target == str(final.parent) for c in calls[renamed:]
+    ), calls

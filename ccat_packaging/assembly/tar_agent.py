@@ -316,10 +316,13 @@ def verify(spec: VerifySpec) -> VerifyResult:
     # Unbuffered, so that reading a header reads nothing but the header's pages.
     with open(path, "rb", buffering=0) as handle:
         _prefetch_headers(handle.fileno(), expected)
-        with tarfile.open(
-            fileobj=handle, mode="r:", encoding="utf-8", errors="surrogateescape"
-        ) as archive:
-            found = [(m.name, m.size) for m in archive]
+        try:
+            with tarfile.open(
+                fileobj=handle, mode="r:", encoding="utf-8", errors="surrogateescape"
+            ) as archive:
+                found = [(m.name, m.size) for m in archive]
+        except tarfile.TarError as exc:  # a damaged first header: not a tar any more
+            raise AgentError("verification", f"{path} is not a valid archive: {exc}") from None
     if found != expected:
         missing = [m for m in expected if m not in found][:3]
         extra = [m for m in found if m not in expected][:3]
