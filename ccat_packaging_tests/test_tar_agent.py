@@ -670,14 +670,14 @@ def test_receive_keeps_nothing_unless_the_bytes_have_the_senders_checksum(
 # fsync is what makes an archive survive a crash of the machine, which a test cannot cause:
 # the agent runs here as the process it is on a remote host, under strace, and the test reads
 # the order of its system calls on the archive and its directory.
-STRACED = "trace=/^(f(data)?sync|rename(at2?)?|p?writev?(64)?|close)$"
+STRACED = "trace=/^(f(data)?sync|(rename|link)(at2?)?|p?writev?(64)?|close)$"
 AGENT = Path(tar_agent.__file__)
 
 
 @dataclass(frozen=True)
 class Syscall:
     name: str
-    target: str  # the path behind the descriptor, or rename's new name
+    target: str  # the path behind the descriptor, or the new name of a rename or link
     ok: bool
 
 
@@ -702,7 +702,7 @@ def _traced(tmp_path: Path, command: str, spec: dict, stdin: bytes = b"") -> lis
         if found is None:
             continue  # an unfinished or resumed call, a signal
         name, args, code = found.groups()
-        if name.startswith("rename"):
+        if name.startswith(("rename", "link")):
             target = re.findall(r'"([^"]*)"', args)[-1]
         else:
             target = re.match(r"\d+<(.*?)>", args).group(1) if "<" in args else ""  # type: ignore[union-attr]
@@ -737,16 +737,22 @@ def test_an_archive_is_fsynced_after_its_last_byte(tmp_path: Path, command: str)
     assert syncs and writes[-1] < syncs[-1] < closes[-1], on_temp
 
 
-def test_publish_fsyncs_the_directory_after_the_rename(tmp_path: Path) -> None:
+def test_publish_fsyncs_the_directory_after_giving_the_final_name(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "buf"
     dest.mkdir()
     built = _build(src, dest, _tree(src, {"a.dat": b"abc"}))
-    spec = {"temp_path": built["temp_path"], "dest_root": str(dest), "dest_relative": "p/pkg.tar"}
+    spec = {
+        "temp_path": built["temp_path"],
+        "dest_root": str(dest),
+        "dest_relative": "p/pkg.tar",
+        "size": built["size"],
+        "checksum": built["checksum"],
+    }
     calls = _traced(tmp_path, "publish", spec)
     final = dest / "p" / "pkg.tar"
     assert final.exists()
-    [renamed] = [i for i, c in enumerate(calls) if c.name.startswith("rename") and c.ok]
-    assert calls[renamed].target == str(final)
+    [named] = [i for i, c in enumerate(calls) if c.name.startswith("link") and c.ok]
+    assert calls[named].target == str(final)
     assert any(
-        c.name == "fsync" and c.ok and c.target == str(final.parent) for c in calls[renamed:]
+        c.name == "fsync" and c.ok and c.target == str(final.parent) for c in calls[named:]
     ), calls
