@@ -25,6 +25,7 @@ def _build(src: Path, dest: Path, members: list[list[object]], rel: str = "p/pkg
     return tar_agent.run_command(
         "build",
         {"source_root": str(src), "members": members, "dest_root": str(dest), "dest_relative": rel},
+        tar_agent.Progress(),
     )
 
 
@@ -124,11 +125,15 @@ def test_verify_catches_truncation_at_a_member_boundary(tmp_path: Path) -> None:
     dest.mkdir()
     members = _tree(src, {"a.dat": os.urandom(1024), "b.dat": os.urandom(1024)})
     built = _build(src, dest, members)
-    tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+    tar_agent.run_command(
+        "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
+    )
     with open(built["temp_path"], "r+b") as handle:  # cut after a's data: tar -tf still lists it
         handle.truncate(512 + 1024)
     with pytest.raises(AgentError, match="expected") as info:
-        tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+        tar_agent.run_command(
+            "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
+        )
     assert info.value.kind == "verification"
 
 
@@ -139,7 +144,9 @@ def test_verify_catches_a_member_list_that_differs(tmp_path: Path) -> None:
     built = _build(src, dest, members)
     renamed = [["a.dat", 100], ["c.dat", 100]]
     with pytest.raises(AgentError, match="members differ"):
-        tar_agent.run_command("verify", {"path": built["temp_path"], "members": renamed})
+        tar_agent.run_command(
+            "verify", {"path": built["temp_path"], "members": renamed}, tar_agent.Progress()
+        )
 
 
 def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: Path) -> None:
@@ -159,6 +166,7 @@ def test_publish_renames_atomically_into_place(tmp_path: Path) -> None:
     out = tar_agent.run_command(
         "publish",
         {"temp_path": built["temp_path"], "dest_root": str(dest), "dest_relative": "p/pkg.tar"},
+        tar_agent.Progress(),
     )
     assert out["path"] == str(dest / "p" / "pkg.tar")
     assert hashlib.sha256((dest / "p" / "pkg.tar").read_bytes()).hexdigest() == built["checksum"]
@@ -178,6 +186,7 @@ def _build_checked(tmp_path: Path, data: bytes, on_disk: bytes, alg: str, filed:
             "dest_relative": "p/pkg.tar",
             "checksums": {"f.dat": [alg, filed]},
         },
+        tar_agent.Progress(),
     )
 
 
@@ -290,7 +299,8 @@ def test_read_ahead_and_directory_reuse_keep_the_archive_exact(
             "dest_root": str(dest),
             "dest_relative": "p/pkg.tar",
             "checksums": filed,
-        }
+        },
+        tar_agent.Progress(),
     )
     assert _open_descriptors() == before
     data = Path(result["temp_path"]).read_bytes()
@@ -303,7 +313,7 @@ def test_read_ahead_and_directory_reuse_keep_the_archive_exact(
         for name, content in contents.items():
             extracted = archive.extractfile(name)
             assert extracted is not None and extracted.read() == content
-    tar_agent.verify({"path": result["temp_path"], "members": members})
+    tar_agent.verify({"path": result["temp_path"], "members": members}, tar_agent.Progress())
 
 
 def test_a_failure_with_files_opened_ahead_closes_them_and_leaves_nothing(
