@@ -50,7 +50,6 @@ from ccat_packaging_tests.test_ssh_assembly import (
     eventually,
     local,
     plan_for,
-    remote_agents,
     sparse_tree,
     tmpfs,
 )
@@ -62,16 +61,31 @@ GIB = 1 << 30
 CHANNEL_CLOSED = "the channel was closed, which stops the agent"
 
 
-def agent_pids(command: str) -> list[int]:
-    """The uploaded agents running ``command`` (``python3 -I -S AGENT COMMAND - ...``)."""
+def agent_pids(servers: list[SshServer], command: str | None = None) -> list[int]:
+    """The uploaded agents (``python3 -I -S AGENT COMMAND - ...``) that the sshd of one of
+    ``servers`` started, running ``command`` or any: other tests on this machine may run
+    agents of their own at the same time."""
+    roots = {server.process.pid for server in servers}
     found = []
     for entry in os.listdir("/proc"):
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if len(argv) < 5 or b"tar_agent-" not in argv[3]:
+                continue
+            running = command is None or argv[4] == command.encode()
+            if running and roots & _ancestors(int(entry)):
+                found.append(int(entry))
         except OSError:
-            continue
-        if len(argv) > 4 and b"tar_agent-" in argv[3] and argv[4] == command.encode():
-            found.append(int(entry))
+            continue  # it ended meanwhile
+    return found
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1 and len(found) < 16:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        found.add(pid)
     return found
 
 
@@ -161,7 +175,8 @@ def test_a_stopped_agent_fails_as_stalled_and_cleans_up_once_it_runs_again(
         worker, outcome = assemble_on_a_thread(make_hosts(), plan, dest)
         assert eventually(lambda: archive_started(buffer), 30), "the archive was never started"
         time.sleep(STALL_SECONDS / 4 + 0.25)  # the agent has reported progress by now
-        [pid] = agent_pids(command)
+        lab = [ssh_lab.a, ssh_lab.b]
+        [pid] = agent_pids(lab, command)
         os.kill(pid, signal.SIGSTOP)
         try:
             error = stalled_error(worker, outcome, time.monotonic())
@@ -170,10 +185,10 @@ def test_a_stopped_agent_fails_as_stalled_and_cleans_up_once_it_runs_again(
             location = "buf" if command == "receive" else "src"
             pattern = expected_message(location, host, command, CHANNEL_CLOSED)
             assert re.search(pattern, str(error)), error
-            assert agent_pids(command) == [pid]  # stopped, so still there
+            assert agent_pids(lab, command) == [pid]  # stopped, so still there
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert eventually(lambda: remote_agents() == [], 30), remote_agents()
+        assert eventually(lambda: agent_pids(lab) == [], 30), agent_pids(lab)
         assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
 
 
@@ -282,7 +297,7 @@ def test_a_receive_writing_to_a_mount_that_stops_answering_fails_as_stalled(
         mount.signal(signal.SIGCONT)
     assert eventually(lambda: agent_threads() == [], 30), agent_threads()
     assert eventually(lambda: leftovers(mount.path) == []), leftovers(mount.path)
-    assert eventually(lambda: remote_agents() == [], 30), remote_agents()
+    assert eventually(lambda: agent_pids([ssh_lab.a]) == [], 30), agent_pids([ssh_lab.a])
 
 
 # --- the heartbeat follows progress ------------------------------------------------------------
@@ -314,7 +329,7 @@ def test_the_heartbeat_beats_while_bytes_move_and_stops_when_they_stop(
         with heartbeat(world.engine, package.package_id, 0.25, lambda: hosts.moved):
             worker, outcome = assemble_on_a_thread(hosts, plan, dest)
             assert eventually(lambda: updated_at() != LONG_AGO, 30), "no beat while building"
-            [pid] = agent_pids("build")
+            [pid] = agent_pids([ssh_lab.a], "build")
             os.kill(pid, signal.SIGSTOP)
             try:
                 time.sleep(1.5)  # progress reported before the stop has arrived by now
@@ -375,7 +390,7 @@ def test_a_stalled_assembly_fails_its_step_as_retryable_frees_its_slot_and_is_re
                 return
             seen["slots while building"] = claimed(instance)
             time.sleep(STALL_SECONDS / 4 + 0.25)
-            [pid] = agent_pids("build")
+            [pid] = agent_pids([a], "build")
             os.kill(pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
             try:
@@ -385,7 +400,7 @@ def test_a_stalled_assembly_fails_its_step_as_retryable_frees_its_slot_and_is_re
                     seen["slot freed"] = eventually(lambda: claimed(instance) == 0, 2)
             finally:
                 os.kill(pid, signal.SIGCONT)
-            seen["agent gone"] = eventually(lambda: pid not in agent_pids("build"), 30)
+            seen["agent gone"] = eventually(lambda: pid not in agent_pids([a]), 30)
 
         overrides = {"concurrency": {"pools": {"default_limit": 1}}}
         with dg.instance_for_test(overrides=overrides) as instance:
