@@ -275,6 +275,36 @@ def test_a_build_reading_from_a_mount_that_stops_answering_fails_as_stalled(
         assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
 
 
+def test_a_remote_agent_alive_but_stuck_on_a_mount_fails_as_stalled(
+    mount: Mount, ssh_lab: SshLab, make_hosts: MakeHosts, tmp_path: Path, monkeypatch
+) -> None:
+    """The agent on the SSH host still runs (unlike a stopped one) but its read does not
+    return: only its progress, not its being alive, tells the worker that it is stuck."""
+    monkeypatch.setenv("CCAT_STALL_SECONDS", str(STALL_SECONDS))
+    members = sparse_tree(mount.exported / "src", files=2, size=GIB)
+    with tmpfs(tmp_path / "buffer", "3g") as buffer:
+        plan, dest = plan_for(
+            ssh_lab.a.endpoint(mount.path / "src", "src"),
+            ssh_lab.a.endpoint(buffer, "buf"),
+            members,
+        )
+        worker, outcome = assemble_on_a_thread(make_hosts(), plan, dest)
+        assert eventually(lambda: archive_started(buffer), 30), "the archive was never started"
+        time.sleep(STALL_SECONDS / 4 + 0.25)  # the agent has reported progress by now
+        [pid] = agent_pids([ssh_lab.a], "build")
+        mount.signal(signal.SIGSTOP)
+        try:
+            error = stalled_error(worker, outcome, time.monotonic())
+            host = rf"root@{re.escape(ssh_lab.a.address)}:\d+"
+            pattern = expected_message("src", host, "build", CHANNEL_CLOSED)
+            assert re.search(pattern, str(error)), error
+            assert agent_pids([ssh_lab.a], "build") == [pid]  # stuck in its read
+        finally:
+            mount.signal(signal.SIGCONT)
+        assert eventually(lambda: agent_pids([ssh_lab.a]) == [], 30), agent_pids([ssh_lab.a])
+        assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
+
+
 def test_a_receive_writing_to_a_mount_that_stops_answering_fails_as_stalled(
     mount: Mount, ssh_lab: SshLab, make_hosts: MakeHosts, tmp_path: Path, monkeypatch
 ) -> None:
