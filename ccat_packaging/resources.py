@@ -109,12 +109,12 @@ class AssemblyHosts(dg.ConfigurableResource):
         if self._ssh is None:
             self._ssh = SshHosts(
                 SshSettings(
+                    stall_seconds=settings.stall_seconds(),
                     key_filename=self.key_filename,
                     key_passphrase=self.key_passphrase,
                     known_hosts=self.known_hosts,
                     trust_unknown_hosts=self.trust_unknown_hosts,
                     connect_timeout=self.connect_timeout,
-                    stall_seconds=settings.stall_seconds(),
                     remote_python=self.remote_python,
                     remote_dir=self.remote_dir,
                 ),

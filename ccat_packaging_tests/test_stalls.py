@@ -81,7 +81,7 @@ def agent_pids(servers: list[SshServer], command: str | None = None) -> list[int
 
 
 def _ancestors(pid: int) -> set[int]:
-    found = set()
+    found: set[int] = set()
     while pid > 1 and len(found) < 16:
         stat = Path(f"/proc/{pid}/stat").read_text()
         pid = int(stat.rsplit(")", 1)[1].split()[1])

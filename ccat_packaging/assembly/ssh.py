@@ -67,12 +67,12 @@ class SshSettings:
     """How to reach remote hosts; see ``AssemblyHosts`` for what each field means, and
     ``CCAT_STALL_SECONDS`` for ``stall_seconds``."""
 
+    stall_seconds: float
     key_filename: str | None = None
     key_passphrase: str | None = None
     known_hosts: str | None = None
     trust_unknown_hosts: bool = False
     connect_timeout: int = 15
-    stall_seconds: float = 300
     keepalive_seconds: int = 30
     remote_python: str = "/usr/bin/python3"
     remote_dir: str = ".cache/ccat-packaging"

@@ -6,9 +6,9 @@ there with ``python3`` otherwise, so a package has the same bytes and checksum w
 built. It is driven by JSON-able specs and answers with JSON-able results; failures are
 ``AgentError`` with a ``kind`` the caller maps to its own error classes. Every command counts
 the bytes it moves in a ``Progress`` its caller watches, which tells a stalled command from a
-slow one. When the buffer is on
-another host, ``send`` writes the archive to a stream instead of a file and ``receive`` on the
-buffer's host writes that stream to a file, checking the sender's checksum before it counts.
+slow one. When the buffer is on another host, ``send`` writes the archive to a stream instead
+of a file and ``receive`` on the buffer's host writes that stream to a file, checking the
+sender's checksum before it counts.
 
 Archive format: GNU tar headers written by ``tarfile`` (integer mtimes, no user/group names),
 member data padded to 512 bytes, two zero blocks, padded to a 10240-byte record. Its size is
