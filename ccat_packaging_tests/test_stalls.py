@@ -238,7 +238,7 @@ def mount(ssh_lab: SshLab, tmp_path: Path) -> Iterator[Mount]:
             yield mounted
         finally:
             mounted.signal(signal.SIGCONT)
-            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, timeout=30)
             try:
                 sshfs.wait(10)
             except subprocess.TimeoutExpired:
