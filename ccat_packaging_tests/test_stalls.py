@@ -2,10 +2,10 @@
 stop their heartbeat, and clean up once whatever hung answers again.
 
 Every stall here is real. SIGSTOP stops a remote agent, as a hung disk or mount on its host
-would leave it; or it stops the SSH server behind an sshfs mount, which is a network mount
-that stops answering under a build in this process (device-mapper, whose ``dmsetup suspend``
-would hang a block device, is not available in this kernel). SIGCONT lets it go on, and what
-was stopped must then clean up by itself.
+would leave it; or it stops the SSH server behind an sshfs mount: a network mount that stops
+answering under a command that keeps running, here in this process or in a remote agent
+(device-mapper, whose ``dmsetup suspend`` would hang a block device, is not available in this
+kernel). SIGCONT lets it go on, and what was stopped must then clean up by itself.
 """
 
 from __future__ import annotations
