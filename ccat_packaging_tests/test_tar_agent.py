@@ -347,3 +347,17 @@ def test_a_symlinked_directory_that_stays_inside_the_root_is_followed(tmp_path: 
     result = _build(src, dest, [["alias/a.dat", 6]])
     with tarfile.open(result["temp_path"]) as archive:
         assert [(m.name, m.size) for m in archive] == [("alias/a.dat", 6)]
+
+
+def test_position_names_the_file_a_byte_of_the_archive_belongs_to() -> None:
+    """How a stall names the file it stopped at: the archive's layout is exactly predictable."""
+    long_name = "b" * 101  # a GNU long-name header: 3 blocks
+    members = [("a.dat", 100), ("empty.dat", 0), (long_name, 600)]
+    assert tar_agent.position(members, 0) == "the header of 'a.dat'"
+    assert tar_agent.position(members, 512 + 99) == "'a.dat' at its byte 99 of 100"
+    assert tar_agent.position(members, 1023) == "'a.dat' at its byte 100 of 100"  # its padding
+    assert tar_agent.position(members, 1024) == "the header of 'empty.dat'"
+    assert tar_agent.position(members, 1536 + 3 * 512 - 1) == f"the header of {long_name!r}"
+    assert tar_agent.position(members, 3072) == f"{long_name!r} at its byte 0 of 600"
+    end = tar_agent.position(members, 3072 + 1024)
+    assert end == "the end of the archive, after its last file"
