@@ -38,8 +38,29 @@ class ConnectionDroppedError(RetryableError):
     """An established connection broke while a command ran; the remote agent stops itself."""
 
 
-class CommandTimeoutError(RetryableError):
-    """The remote agent stayed silent for longer than ``command_timeout``; it was stopped."""
+class StalledError(RetryableError):
+    """An agent command moved no bytes for ``CCAT_STALL_SECONDS``: a source disk or network
+    mount, a remote agent or a receiver stopped answering. The command was told to stop (it
+    removes its temporary file once it can) and the step gives up its pool slot; whatever hung
+    may answer again by the next attempt.
+
+    ``moved`` is how many bytes the command had moved; ``reached`` says, once known, which file
+    that is in the archive."""
+
+    def __init__(
+        self, where: str, command: str, seconds: float, moved: int, stopped: str, reached: str = ""
+    ) -> None:
+        self.where, self.command, self.seconds = where, command, seconds
+        self.moved, self.stopped = moved, stopped
+        at = f" (in {reached})" if reached else ""
+        idle = f"moved no bytes for {seconds:g} s after {moved} bytes{at}"
+        super().__init__(f"{where}: {command} {idle}; {stopped}")
+
+    def reaching(self, reached: str) -> StalledError:
+        """The same stall, saying which file of the archive it had reached."""
+        return StalledError(
+            self.where, self.command, self.seconds, self.moved, self.stopped, reached
+        )
 
 
 class ConfigurationError(PackagingError):

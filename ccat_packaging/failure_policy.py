@@ -4,9 +4,9 @@ Four paths lead to another attempt at a package; this is the one place that desc
 (docs/operations.md links here):
 
 1. **Op retry** (``judge`` and ``record``, applied to every op by ``jobs``): an error is
-   classified as retryable (unreachable host, dropped connection, timeout, database down, file
-   still being written, buffer space reserved by packages being written into it, ...) or not
-   (``errors``). A retryable one is retried up to ``MAX_RETRIES`` times, waiting
+   classified as retryable (unreachable host, dropped connection, stalled assembly, database
+   down, file still being written, buffer space reserved by packages being written into it,
+   ...) or not (``errors``). A retryable one is retried up to ``MAX_RETRIES`` times, waiting
    ``CCAT_RETRY_BASE_SECONDS`` doubled per attempt with ±50 % jitter, and each retry is
    counted in the package's ``retry_count``. After the last retry, and
    at once for any other error, the package is ``failed`` with the error class and message

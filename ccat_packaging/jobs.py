@@ -88,7 +88,8 @@ def assemble_tar(
                 )
                 return BuiltPackage(plan, None)
             buffers = [Endpoint.of(b) for b in buffer_candidates(session, plan.source_site_id)]
-        with heartbeat(ops_db.engine, plan.package_id, settings.stale_after_seconds() / 4):
+        beat = settings.stale_after_seconds() / 4
+        with heartbeat(ops_db.engine, plan.package_id, beat, lambda: assembly_hosts.moved):
             archive = assemble_at_first_usable_buffer(
                 assembly_hosts, plan, buffers, context.log.warning
             )

@@ -9,7 +9,7 @@ buffer. Failure never overwrites completion: whichever attempt completes wins.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -204,16 +204,25 @@ def complete(session: Session, package_id: int, buffer_location_id: int) -> RawD
 
 
 @contextmanager
-def heartbeat(engine: Engine, package_id: int, interval: float) -> Iterator[None]:
-    """Touch ``updated_at`` every ``interval`` seconds while work on the package goes on.
+def heartbeat(
+    engine: Engine, package_id: int, interval: float, progress: Callable[[], int]
+) -> Iterator[None]:
+    """Touch ``updated_at`` every ``interval`` seconds in which work on the package moved on,
+    that is in which ``progress`` (a count of bytes moved) grew.
 
-    A package whose heartbeat stopped (its process was killed, its machine rebooted) is found
-    by ``discovery.packages_needing_a_run`` and taken up again by the location's sensor.
+    A package whose heartbeat stopped (its process was killed, its machine rebooted, its
+    assembly hung where nothing notices) is found by ``discovery.packages_needing_a_run`` and
+    taken up again by the location's sensor: being alive is not enough to keep a lease.
     """
     stop = threading.Event()
 
     def beat() -> None:
+        seen = progress()
         while not stop.wait(interval):
+            moved = progress()
+            if moved == seen:
+                continue
+            seen = moved
             try:
                 with session_scope(engine) as session:
                     session.execute(

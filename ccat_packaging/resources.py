@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ccat_packaging import settings
-from ccat_packaging.assembly.hosts import HostRunner, LocalRunner, is_same_host
+from ccat_packaging.assembly.hosts import HostRunner, LocalRunner, Meter, is_same_host
 from ccat_packaging.assembly.ssh import SshHosts, SshSettings
 from ccat_packaging.db import make_engine, session_scope
 from ccat_packaging.plans import Endpoint
@@ -57,7 +57,9 @@ class AssemblyHosts(dg.ConfigurableResource):
     is this machine, otherwise SSH with one connection per host for the whole run.
 
     The key, its passphrase and the known-hosts file come from the environment (``EnvVar``),
-    never from the repository; host, user, port and path come from the location rows.
+    never from the repository; host, user, port and path come from the location rows. A
+    command that moves no bytes for ``CCAT_STALL_SECONDS`` fails as stalled; ``moved`` counts
+    the bytes this run's commands moved, which the package heartbeat watches.
     """
 
     key_filename: str | None = Field(
@@ -74,11 +76,6 @@ class AssemblyHosts(dg.ConfigurableResource):
         "refused regardless",
     )
     connect_timeout: int = Field(default=15, description="seconds to connect and log in")
-    command_timeout: int = Field(
-        default=4 * 3600,
-        description="seconds a remote agent may stay silent (a whole build writing in place) "
-        "before its channel is closed, which stops it",
-    )
     remote_python: str = Field(
         default="/usr/bin/python3", description="python3 on the remote hosts (3.8 or newer)"
     )
@@ -88,9 +85,14 @@ class AssemblyHosts(dg.ConfigurableResource):
     )
 
     _ssh: SshHosts | None = PrivateAttr(default=None)
+    _meter: Meter = PrivateAttr(default_factory=Meter)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._ssh = None
+
+    @property
+    def moved(self) -> int:
+        return self._meter.moved
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.close()
@@ -103,19 +105,20 @@ class AssemblyHosts(dg.ConfigurableResource):
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
         if is_same_host(endpoint.host):
-            return LocalRunner(hosts=self, endpoint=endpoint)
+            return LocalRunner(self, endpoint, self._meter, settings.stall_seconds())
         if self._ssh is None:
             self._ssh = SshHosts(
                 SshSettings(
+                    stall_seconds=settings.stall_seconds(),
                     key_filename=self.key_filename,
                     key_passphrase=self.key_passphrase,
                     known_hosts=self.known_hosts,
                     trust_unknown_hosts=self.trust_unknown_hosts,
                     connect_timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout,
                     remote_python=self.remote_python,
                     remote_dir=self.remote_dir,
-                )
+                ),
+                self._meter,
             )
         return self._ssh.runner(endpoint, hosts=self)
 

@@ -71,6 +71,13 @@ def stale_after_seconds() -> int:
     return _int("CCAT_STALE_AFTER_SECONDS", 600)
 
 
+def stall_seconds() -> int:
+    """An assembly command that moves no bytes for this long fails as retryable and frees its
+    pool slot; kept below ``CCAT_STALE_AFTER_SECONDS``, so that the lease of a live run never
+    looks stale while it waits to notice a stall."""
+    return _int("CCAT_STALL_SECONDS", 300)
+
+
 def partition_retention_days() -> int:
     """A file group whose packages all completed longer ago than this loses its Dagster
     partition (the database keeps everything); a late file brings it back."""

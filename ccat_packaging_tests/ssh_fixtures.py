@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ccat_packaging_tests.sshd import SSHD, SshLab, keygen, running_sshd
+from ccat_packaging.resources import AssemblyHosts
+from ccat_packaging_tests.sshd import SSHD, MakeHosts, SshLab, keygen, running_sshd
 
 
 def _require_sshd() -> None:
@@ -33,3 +34,17 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
         known_hosts.write_text(f"{a.known_hosts_line}\n{b.known_hosts_line}\n")
         yield SshLab(directory, a, b, client_key, known_hosts)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def make_hosts(ssh_lab: SshLab) -> Iterator[MakeHosts]:
+    """``AssemblyHosts`` for the lab with some settings changed, closed after the test."""
+    made: list[AssemblyHosts] = []
+
+    def make(**settings: object) -> AssemblyHosts:
+        made.append(ssh_lab.hosts(**settings))
+        return made[-1]
+
+    yield make
+    for resource in made:
+        resource.close()

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,3 +173,7 @@ class SshLab:
             **settings,
         }
         return AssemblyHosts(**values)
+
+
+# What the ``make_hosts`` fixture (ssh_fixtures) gives: ``SshLab.hosts``, closed after the test.
+MakeHosts = Callable[..., AssemblyHosts]

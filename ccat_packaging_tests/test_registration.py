@@ -3,6 +3,7 @@ completion, each on a real PostgreSQL database."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -94,7 +95,8 @@ def test_the_heartbeat_keeps_a_lease_fresh_while_work_goes_on_and_stops_with_it(
         s.execute(update(RawDataPackage).values(updated_at=LONG_AGO))
     seen = [LONG_AGO]  # the heartbeat found, then every new one
     stale_after = timedelta(seconds=1)
-    with heartbeat(world.engine, plan.package_id, interval=0.1):
+    work = itertools.count().__next__  # bytes moved: more at every look
+    with heartbeat(world.engine, plan.package_id, interval=0.1, progress=work):
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:  # the work: 2.5 s, longer than the stale limit
             time.sleep(0.05)

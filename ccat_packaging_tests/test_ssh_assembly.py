@@ -29,7 +29,6 @@ from ccat_packaging.assembly.hosts import AgentProcess, is_same_host
 from ccat_packaging.errors import (
     ArchiveVerificationError,
     AuthenticationFailedError,
-    CommandTimeoutError,
     ConfigurationError,
     HostKeyError,
     HostUnreachableError,
@@ -43,7 +42,14 @@ from ccat_packaging.errors import (
 from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts
 from ccat_packaging_tests.special_files import SPECIAL
-from ccat_packaging_tests.sshd import SshLab, SshServer, free_port, keygen, running_sshd
+from ccat_packaging_tests.sshd import (
+    MakeHosts,
+    SshLab,
+    SshServer,
+    free_port,
+    keygen,
+    running_sshd,
+)
 
 pytest_plugins = ["ccat_packaging_tests.ssh_fixtures"]
 
@@ -168,23 +174,6 @@ def assert_built_over_ssh(
     with tarfile.open(built.temp_path) as tar:
         found = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
     assert found == contents
-
-
-MakeHosts = Callable[..., AssemblyHosts]
-
-
-@pytest.fixture
-def make_hosts(ssh_lab: SshLab) -> Iterator[MakeHosts]:
-    """``AssemblyHosts`` for the lab with some settings changed, closed after the test."""
-    made: list[AssemblyHosts] = []
-
-    def make(**settings: object) -> AssemblyHosts:
-        made.append(ssh_lab.hosts(**settings))
-        return made[-1]
-
-    yield make
-    for resource in made:
-        resource.close()
 
 
 @pytest.fixture
@@ -580,23 +569,6 @@ def test_sshd_crash_mid_assembly_is_retryable_and_leaves_nothing_running_or_writ
         assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
         assert eventually(lambda: remote_agents() == []), remote_agents()
         assert not (partial / "pkg.tar").exists()
-
-
-def test_a_command_timeout_stops_the_remote_agent(
-    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
-) -> None:
-    members = sparse_tree(tmp_path / "src", files=8, size=1 << 30)
-    hosts = make_hosts(command_timeout=1)
-    with tmpfs(tmp_path / "buffer", "9g") as buffer:
-        plan, dest = plan_for(
-            ssh_lab.a.endpoint(tmp_path / "src", "src"), ssh_lab.a.endpoint(buffer, "buf"), members
-        )
-        with pytest.raises(CommandTimeoutError, match="silent for 1 s") as info:
-            archive.assemble(hosts, plan, dest)
-        assert info.value.retryable
-        assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
-        assert eventually(lambda: remote_agents() == []), remote_agents()
-    hosts.close()
 
 
 def test_one_connection_per_host_is_reused_across_steps(

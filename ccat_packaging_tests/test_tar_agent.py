@@ -37,6 +37,7 @@ def _build(src: Path, dest: Path, members: list[list[object]], rel: str = "p/pkg
     return tar_agent.run_command(
         "build",
         {"source_root": str(src), "members": members, "dest_root": str(dest), "dest_relative": rel},
+        tar_agent.Progress(),
     )
 
 
@@ -163,7 +164,7 @@ def test_special_files_fail_at_once_as_not_regular(tmp_path: Path, kind: str) ->
         "message": f"source file 'odd.dat' is not a regular file but a {kind}",
     }
     with pytest.raises(AgentError, match=f"not a regular file but a {kind}"):
-        tar_agent.run_command("build", spec)
+        tar_agent.run_command("build", spec, tar_agent.Progress())
     assert [p.name for p in dest.rglob("*") if p.is_file() and "lock" not in p.name] == []
 
 
@@ -194,11 +195,15 @@ def test_verify_catches_truncation_at_a_member_boundary(tmp_path: Path) -> None:
     dest.mkdir()
     members = _tree(src, {"a.dat": os.urandom(1024), "b.dat": os.urandom(1024)})
     built = _build(src, dest, members)
-    tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+    tar_agent.run_command(
+        "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
+    )
     with open(built["temp_path"], "r+b") as handle:  # cut after a's data: tar -tf still lists it
         handle.truncate(512 + 1024)
     with pytest.raises(AgentError, match="expected") as info:
-        tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+        tar_agent.run_command(
+            "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
+        )
     assert info.value.kind == "verification"
 
 
@@ -209,7 +214,9 @@ def test_verify_catches_a_member_list_that_differs(tmp_path: Path) -> None:
     built = _build(src, dest, members)
     renamed = [["a.dat", 100], ["c.dat", 100]]
     with pytest.raises(AgentError, match="members differ"):
-        tar_agent.run_command("verify", {"path": built["temp_path"], "members": renamed})
+        tar_agent.run_command(
+            "verify", {"path": built["temp_path"], "members": renamed}, tar_agent.Progress()
+        )
 
 
 def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: Path) -> None:
@@ -234,6 +241,7 @@ def _publish(dest: Path, built: dict, rel: str = "p/pkg.tar") -> dict:
             "size": built["size"],
             "checksum": built["checksum"],
         },
+        tar_agent.Progress(),
     )
 
 
@@ -307,6 +315,7 @@ def _build_checked(tmp_path: Path, data: bytes, on_disk: bytes, alg: str, filed:
             "dest_relative": "p/pkg.tar",
             "checksums": {"f.dat": [alg, filed]},
         },
+        tar_agent.Progress(),
     )
 
 
@@ -419,7 +428,8 @@ def test_read_ahead_and_directory_reuse_keep_the_archive_exact(
             "dest_root": str(dest),
             "dest_relative": "p/pkg.tar",
             "checksums": filed,
-        }
+        },
+        tar_agent.Progress(),
     )
     assert _open_descriptors() == before
     data = Path(result["temp_path"]).read_bytes()
@@ -432,7 +442,7 @@ def test_read_ahead_and_directory_reuse_keep_the_archive_exact(
         for name, content in contents.items():
             extracted = archive.extractfile(name)
             assert extracted is not None and extracted.read() == content
-    tar_agent.verify({"path": result["temp_path"], "members": members})
+    tar_agent.verify({"path": result["temp_path"], "members": members}, tar_agent.Progress())
 
 
 def test_a_failure_with_files_opened_ahead_closes_them_and_leaves_nothing(
@@ -496,7 +506,7 @@ class _Writer:
         line: dict[str, object] = dict(spec)
         if command == "receive":  # the archive as ``send`` writes it on the source's host
             with open(tmp_path / f"{name}.stream", "w+b") as handle:
-                sent = tar_agent.send(spec, handle.fileno())
+                sent = tar_agent.send(spec, handle.fileno(), tar_agent.Progress())
                 handle.seek(0)
                 self.stream = handle.read() + f"{sent['checksum']}\n".encode()
             line = {"dest_root": spec["dest_root"], "dest_relative": spec["dest_relative"]}
@@ -615,7 +625,9 @@ def test_verify_reports_a_damaged_first_header_as_a_verification_error(tmp_path:
     with open(built["temp_path"], "r+b") as handle:
         handle.write(b"A")  # the first byte of the first member's name
     with pytest.raises(AgentError, match="not a valid archive") as info:
-        tar_agent.run_command("verify", {"path": built["temp_path"], "members": members})
+        tar_agent.run_command(
+            "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
+        )
     assert info.value.kind == "verification"
 
 
@@ -624,7 +636,7 @@ def _receive(dest: Path, archive: bytes, checksum_line: bytes) -> dict:
     arriving.write_bytes(archive + checksum_line)
     spec = tar_agent.ReceiveSpec(dest_root=str(dest), dest_relative="p/pkg.tar", size=len(archive))
     with open(arriving, "rb") as stream:
-        return dict(tar_agent.receive(spec, stream))
+        return dict(tar_agent.receive(spec, stream, tar_agent.Progress()))
 
 
 def _sent_archive(tmp_path: Path) -> tuple[bytes, str]:
@@ -637,7 +649,8 @@ def _sent_archive(tmp_path: Path) -> tuple[bytes, str]:
     )
     reader.start()
     try:
-        sent = tar_agent.send({"source_root": str(tmp_path / "src"), "members": members}, write_end)
+        spec = {"source_root": str(tmp_path / "src"), "members": members}
+        sent = tar_agent.send(spec, write_end, tar_agent.Progress())  # type: ignore[arg-type]
     finally:
         os.close(write_end)
         reader.join()
@@ -756,3 +769,17 @@ def test_publish_fsyncs_the_directory_after_giving_the_final_name(tmp_path: Path
     assert any(
         c.name == "fsync" and c.ok and c.target == str(final.parent) for c in calls[named:]
     ), calls
+
+
+def test_position_names_the_file_a_byte_of_the_archive_belongs_to() -> None:
+    """How a stall names the file it stopped at: the archive's layout is exactly predictable."""
+    long_name = "b" * 101  # a GNU long-name header: 3 blocks
+    members = [("a.dat", 100), ("empty.dat", 0), (long_name, 600)]
+    assert tar_agent.position(members, 0) == "the header of 'a.dat'"
+    assert tar_agent.position(members, 512 + 99) == "'a.dat' at its byte 99 of 100"
+    assert tar_agent.position(members, 1023) == "'a.dat' at its byte 100 of 100"  # its padding
+    assert tar_agent.position(members, 1024) == "the header of 'empty.dat'"
+    assert tar_agent.position(members, 1536 + 3 * 512 - 1) == f"the header of {long_name!r}"
+    assert tar_agent.position(members, 3072) == f"{long_name!r} at its byte 0 of 600"
+    end = tar_agent.position(members, 3072 + 1024)
+    assert end == "the end of the archive, after its last file"

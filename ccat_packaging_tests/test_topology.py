@@ -197,7 +197,8 @@ def _local_build(telescope: Telescope, location: int, members: list[str]) -> str
             dest_root=str(telescope.logs / "local_build"),
             dest_relative="local.tar",
             checksums={},
-        )
+        ),
+        tar_agent.Progress(),
     )
     Path(built["temp_path"]).unlink()
     return built["checksum"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Machine-level prerequisites of the test suite, idempotent: PostgreSQL running on
 # 127.0.0.1:5432, OpenSSH's server binary for the tests' own sshd processes, Debian's
-# chromium for the end-to-end UI test, strace for watching the tar agent's fsyncs, and for the
-# topology tests iproute2 (namespaces, tc) and RabbitMQ's server binary (the tests start a
-# broker node of their own).
+# chromium for the end-to-end UI test, strace for watching the tar agent's fsyncs, sshfs for
+# the stall tests (a network mount that stops answering), and for the topology tests iproute2
+# (namespaces, tc) and RabbitMQ's server binary (the tests start a broker node of their own).
 set -euo pipefail
 
 if ! command -v pg_isready >/dev/null || ! pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -16,6 +16,7 @@ fi
 
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v sshfs >/dev/null || missing+=(sshfs)
 # The end-to-end test's browser, driven by Playwright (never `playwright install`).
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # The tar agent's fsyncs are observed with strace (test_tar_agent.py).

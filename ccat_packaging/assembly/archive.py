@@ -22,6 +22,7 @@ from ccat_packaging.errors import (
     InsufficientSpaceError,
     PackagingError,
     SpaceReservedError,
+    StalledError,
 )
 from ccat_packaging.plans import Endpoint, PackagePlan
 
@@ -46,8 +47,20 @@ class AssembledArchive:
 
 
 def assemble(hosts: Hosts, plan: PackagePlan, buffer: Endpoint) -> AssembledArchive:
-    """The package's archive under its temporary name at ``buffer``, fsynced and checksummed."""
+    """The package's archive under its temporary name at ``buffer``, fsynced and checksummed.
+
+    A stall is reported with the file the archive had reached, which is what an operator
+    looks at first (a file on a mount that stopped answering)."""
     members = _checked_members(plan)
+    try:
+        return _assemble(hosts, plan, buffer, members)
+    except StalledError as exc:
+        raise exc.reaching(tar_agent.position(list(plan.members), exc.moved)) from None
+
+
+def _assemble(
+    hosts: Hosts, plan: PackagePlan, buffer: Endpoint, members: list[list[Any]]
+) -> AssembledArchive:
     source = hosts.runner_for(plan.source)
     receiver = hosts.runner_for(buffer)
     if source.machine == receiver.machine:
@@ -143,6 +156,8 @@ def _pump(sender: AgentProcess, receiver: AgentProcess, need: int) -> None:
             )
         try:
             receiver.write(block)
+        except StalledError:
+            raise  # the receiver stopped taking bytes: it has nothing more to say
         except PackagingError:
             receiver.wait()  # the receiver's own error (no space, ...) says more than a pipe
             raise

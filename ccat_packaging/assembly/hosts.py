@@ -2,8 +2,10 @@
 
 A ``HostRunner`` executes tar-agent commands on its host: ``run`` for a command that answers
 with one JSON result, ``start`` for ``send``/``receive``, whose archive bytes stream through the
-caller. The local runner calls the agent in-process; the SSH runner lives in ``ssh.py``. Agent
-failures become the packaging error classes here, in one place, whichever runner produced them.
+caller. The local runner calls the agent in this process, on a thread whose progress the
+caller watches; the SSH runner lives in ``ssh.py``. Either fails a command that moves no bytes
+for ``CCAT_STALL_SECONDS`` with ``StalledError``. Agent failures become the packaging error
+classes here, in one place, whichever runner produced them.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import fcntl
 import functools
 import ipaddress
 import os
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -31,6 +35,7 @@ from ccat_packaging.errors import (
     SourceFileError,
     SourceNotReadyError,
     SpaceReservedError,
+    StalledError,
     StorageError,
     UnsafePathError,
 )
@@ -102,67 +107,104 @@ class HostRunner(Hosts, Protocol):
     def start(self, command: str, spec: Mapping[str, Any]) -> AgentProcess: ...
 
 
-class LocalRunner:
-    """Runs the agent in this process: we are the host that holds the files.
+class Meter:
+    """The bytes that one run's agent commands were seen to move, wherever they run: its
+    package's heartbeat beats only while this grows, so a stalled assembly's lease goes stale
+    instead of being kept alive."""
 
-    ``hosts`` is where runners for other locations come from; without it only locations on this
-    machine can be reached.
-    """
+    def __init__(self) -> None:
+        self.moved = 0
+
+    def add(self, count: int) -> None:
+        self.moved += count
+
+
+class LocalRunner:
+    """Runs the agent in this process: we are the host that holds the files. ``hosts`` is
+    where runners for other locations come from."""
 
     via_ssh = False
     machine = "local"
 
-    def __init__(self, hosts: Hosts | None = None, endpoint: Endpoint | None = None) -> None:
+    def __init__(
+        self, hosts: Hosts, endpoint: Endpoint, meter: Meter, stall_seconds: float
+    ) -> None:
         self._hosts = hosts
-        self._where = describe(endpoint) if endpoint else f"host {socket.gethostname()}"
+        self._where = describe(endpoint)
+        self._meter = meter
+        self._stall_seconds = stall_seconds
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
-        if self._hosts is not None:
-            return self._hosts.runner_for(endpoint)
-        if is_same_host(endpoint.host):
-            return LocalRunner(endpoint=endpoint)
-        raise ConfigurationError(
-            f"{describe(endpoint)} is not this machine, and no SSH access is configured"
-        )
+        return self._hosts.runner_for(endpoint)
 
     def run(self, command: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            return tar_agent.run_command(command, spec)
-        except tar_agent.AgentError as exc:
-            raise agent_error(exc.kind, exc.message, self._where) from None
+        return self._process(command, spec).wait()
 
     def start(self, command: str, spec: Mapping[str, Any]) -> AgentProcess:
-        return _LocalProcess(command, spec, self._where)
+        return self._process(command, spec)
+
+    def _process(self, command: str, spec: Mapping[str, Any]) -> _LocalProcess:
+        return _LocalProcess(command, spec, self._where, self._meter, self._stall_seconds)
 
 
 class _LocalProcess:
-    """``send`` or ``receive`` on a thread of this process, the archive through a pipe; the
-    agent's command table says which end of the pipe the command writes or reads."""
+    """An agent command on a thread of this process, watched by the caller's thread.
 
-    def __init__(self, command: str, spec: Mapping[str, Any], where: str) -> None:
+    A blocked system call (a source mount that stopped answering, a buffer disk that hangs)
+    cannot be interrupted, so the command runs on a thread of its own while the caller waits
+    for its progress: when that stands still for ``stall_seconds``, the caller fails with
+    ``StalledError`` and cancels the command, which removes its temporary file, under the
+    package's lock, as soon as the call returns. ``send`` and ``receive`` stream the archive
+    through a pipe; the agent's command table says which end the command writes or reads, and
+    the bytes through it are their progress as seen from here.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        spec: Mapping[str, Any],
+        where: str,
+        meter: Meter,
+        stall_seconds: float,
+    ) -> None:
         entry = tar_agent.COMMANDS.get(command)
-        if entry is None or entry.stream is None:
-            raise ValueError(f"{command!r} does not stream")
-        self._where = where
+        if entry is None:
+            raise ValueError(f"unknown agent command {command!r}")
         self._command = command
+        self._where = where
+        self._meter = meter
+        self._stall_seconds = stall_seconds
+        self._progress = tar_agent.Progress()
+        self._seen = 0
+        self._stalled = False
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
-        read_end, write_end = os.pipe()
-        with contextlib.suppress(OSError):  # a larger pipe means fewer wake-ups
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
-        if entry.stream == "out":
-            self._ours = read_end
-            target = functools.partial(self._write_archive, entry.handler, spec, write_end)
+        self._ours: int | None = None
+        if entry.stream is None:
+            target = functools.partial(self._run, entry.handler, spec)
         else:
-            self._ours = write_end
-            target = functools.partial(self._read_archive, entry.handler, spec, read_end)
-        self._open = True
+            read_end, write_end = os.pipe()
+            with contextlib.suppress(OSError):  # a larger pipe means fewer wake-ups
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
+            if entry.stream == "out":
+                self._ours = read_end
+                target = functools.partial(self._write_archive, entry.handler, spec, write_end)
+            else:
+                self._ours = write_end
+                target = functools.partial(self._read_archive, entry.handler, spec, read_end)
+            os.set_blocking(self._ours, False)  # waited for with a bound, in _ready
         self._thread = threading.Thread(target=target, name=f"agent-{command}", daemon=True)
         self._thread.start()
 
+    def _run(self, handler: Callable[..., Any], spec: Mapping[str, Any]) -> None:
+        try:
+            self._result = handler(spec, self._progress)
+        except BaseException as exc:
+            self._error = exc
+
     def _write_archive(self, handler: Callable[..., Any], spec: Mapping[str, Any], fd: int) -> None:
         try:
-            self._result = handler(spec, fd)
+            self._result = handler(spec, fd, self._progress)
         except BaseException as exc:
             self._error = exc
         finally:
@@ -171,28 +213,54 @@ class _LocalProcess:
     def _read_archive(self, handler: Callable[..., Any], spec: Mapping[str, Any], fd: int) -> None:
         with open(fd, "rb") as stream:  # closing it tells a writer that nobody reads any more
             try:
-                self._result = handler(spec, stream)
+                self._result = handler(spec, stream, self._progress)
             except BaseException as exc:
                 self._error = exc
 
     def read(self, size: int) -> bytes:
-        return os.read(self._ours, size)
+        while True:
+            self._ready(select.POLLIN)
+            try:
+                return os.read(self._pipe(), size)
+            except BlockingIOError:
+                continue
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._ours, view) :]
+                self._ready(select.POLLOUT)
+                with contextlib.suppress(BlockingIOError):
+                    view = view[os.write(self._pipe(), view) :]
         except BrokenPipeError:
             raise PackagingError(f"{self._where}: the receiver stopped reading") from None
 
+    def _pipe(self) -> int:
+        if self._ours is None:
+            raise ValueError(f"{self._command!r} does not stream")
+        return self._ours
+
+    def _ready(self, event: int) -> None:
+        """Wait until the pipe can be read or written; the command at its other end stalled
+        when it cannot for ``stall_seconds``."""
+        poller = select.poll()
+        poller.register(self._pipe(), event)
+        ready = poller.poll(self._stall_seconds * 1000)
+        self._observe()
+        if not ready:
+            raise self._stall()
+
     def close_input(self) -> None:
-        if self._open:
-            self._open = False
+        if self._ours is not None:
             os.close(self._ours)
+            self._ours = None
 
     def wait(self) -> dict[str, Any]:
-        self._thread.join()
+        try:
+            self._join()
+        except BaseException:  # interrupted (run terminated) or stalled: the command stops too
+            self.abort()
+            raise
         self.close_input()
         if isinstance(self._error, tar_agent.AgentError):
             raise agent_error(self._error.kind, self._error.message, self._where)
@@ -204,9 +272,46 @@ class _LocalProcess:
         assert self._result is not None
         return self._result
 
+    def _join(self) -> None:
+        """Wait for the command to end, for as long as its progress moves."""
+        poll = min(1.0, self._stall_seconds / 8)
+        last_change = time.monotonic()
+        while True:
+            self._thread.join(poll)
+            if not self._thread.is_alive():
+                self._observe()
+                return
+            if self._observe():
+                last_change = time.monotonic()
+            elif time.monotonic() - last_change >= self._stall_seconds:
+                raise self._stall()
+
+    def _observe(self) -> bool:
+        """Pass the command's new progress to the meter; True if there was any."""
+        moved = self._progress.moved
+        self._meter.add(moved - self._seen)
+        advanced, self._seen = moved != self._seen, moved
+        return advanced
+
+    def _stall(self) -> StalledError:
+        self._stalled = True
+        self.abort()
+        return StalledError(
+            self._where,
+            self._command,
+            self._stall_seconds,
+            self._progress.moved,
+            "it was told to stop and removes its temporary file once its blocked system call "
+            "returns",
+        )
+
     def abort(self) -> None:
-        self.close_input()  # the agent's next write fails, or its next read ends
-        self._thread.join()
+        """Cancel the command and close our end of its pipe (its next write fails, or its next
+        read ends); wait for it to clean up unless it is stuck where it stalled."""
+        self._progress.cancel()
+        self.close_input()
+        if not self._stalled:
+            self._thread.join()
 
 
 @functools.cache

@@ -3,12 +3,16 @@
 One connection per (user, host, port) per run, opened on first use and verified against a
 known-hosts file. The agent (``tar_agent.py``, standard library only) is uploaded once by SFTP
 to a path named after its content, and each command runs it on its own channel as
-``exec PYTHON -I -S AGENT COMMAND -``: a constant command line, so no file name ever reaches a
-shell and no line can grow past the kernel's argument limit. The spec is the first line on the
-channel's stdin, written with paramiko directly (Fabric's ``in_stream`` feeds ~100 B/s and
-mangles non-UTF-8 bytes), and stdin then stays open until the result is in: when the
-connection drops or the worker gives up, sshd closes it and the agent stops and removes its
+``exec PYTHON -I -S AGENT COMMAND - EVERY``: a command line of constants, so no file name ever
+reaches a shell and no line can grow past the kernel's argument limit. The spec is the first
+line on the channel's stdin, written with paramiko directly (Fabric's ``in_stream`` feeds
+~100 B/s and mangles non-UTF-8 bytes), and stdin then stays open until the result is in: when
+the connection drops or the worker gives up, sshd closes it and the agent stops and removes its
 temporary file, whereas a Fabric command timeout would leave it running.
+
+The worker gives up on a command that moved no bytes for ``stall_seconds``: every wait on the
+channel is bounded by that, and the agent keeps it busy while it moves bytes, with the archive
+itself (``send``, ``receive``) or with a progress line every EVERY = ``stall_seconds`` / 4.
 """
 
 from __future__ import annotations
@@ -33,15 +37,22 @@ import paramiko
 from fabric import Config, Connection
 
 from ccat_packaging.assembly import tar_agent
-from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
+from ccat_packaging.assembly.hosts import (
+    AgentProcess,
+    HostRunner,
+    Hosts,
+    Meter,
+    agent_error,
+    describe,
+)
 from ccat_packaging.errors import (
     AuthenticationFailedError,
-    CommandTimeoutError,
     ConfigurationError,
     ConnectionDroppedError,
     HostKeyError,
     HostUnreachableError,
     PackagingError,
+    StalledError,
 )
 from ccat_packaging.plans import Endpoint
 
@@ -53,14 +64,15 @@ _NETWORK_ERRORS = (OSError, paramiko.SSHException, EOFError)
 
 @dataclass(frozen=True)
 class SshSettings:
-    """How to reach remote hosts; see ``AssemblyHosts`` for what each field means."""
+    """How to reach remote hosts; see ``AssemblyHosts`` for what each field means, and
+    ``CCAT_STALL_SECONDS`` for ``stall_seconds``."""
 
+    stall_seconds: float
     key_filename: str | None = None
     key_passphrase: str | None = None
     known_hosts: str | None = None
     trust_unknown_hosts: bool = False
     connect_timeout: int = 15
-    command_timeout: int = 4 * 3600
     keepalive_seconds: int = 30
     remote_python: str = "/usr/bin/python3"
     remote_dir: str = ".cache/ccat-packaging"
@@ -93,8 +105,9 @@ def _agent_source() -> bytes:
 class SshHosts:
     """The SSH connections of one run, one per (user, host, port), shared by all its steps."""
 
-    def __init__(self, settings: SshSettings) -> None:
+    def __init__(self, settings: SshSettings, meter: Meter) -> None:
         self.settings = settings
+        self._meter = meter
         self._sessions: dict[tuple[str, str, int], _Session] = {}
 
     def runner(self, endpoint: Endpoint, hosts: Hosts) -> SshRunner:
@@ -102,7 +115,7 @@ class SshHosts:
         key = (user, endpoint.host.lower(), endpoint.port)
         if key not in self._sessions:
             self._sessions[key] = _Session(user, endpoint.host, endpoint.port, self.settings)
-        return SshRunner(self._sessions[key], endpoint, hosts)
+        return SshRunner(self._sessions[key], endpoint, hosts, self._meter)
 
     def close(self) -> None:
         for session in self._sessions.values():
@@ -115,10 +128,11 @@ class SshRunner:
 
     via_ssh = True
 
-    def __init__(self, session: _Session, endpoint: Endpoint, hosts: Hosts) -> None:
+    def __init__(self, session: _Session, endpoint: Endpoint, hosts: Hosts, meter: Meter) -> None:
         self.machine = session.name
         self._session = session
         self._hosts = hosts
+        self._meter = meter
         self._where = describe(endpoint)
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
@@ -129,8 +143,10 @@ class SshRunner:
 
     def start(self, command: str, spec: Mapping[str, Any]) -> AgentProcess:
         channel = self._session.start_agent(command, self._where)
-        process = _ChannelProcess(channel, command, self._where, self._session.settings)
-        process.write(json.dumps(spec).encode("ascii") + b"\n")
+        process = _ChannelProcess(
+            channel, command, self._where, self._session.settings, self._meter
+        )
+        process.send_spec(spec)
         return process
 
 
@@ -151,8 +167,10 @@ class _Session:
             if self._agent_path is None:
                 self._agent_path = self._install_agent(connection)
             argv = [self.settings.remote_python, "-I", "-S", self._agent_path, command, "-"]
+            if tar_agent.COMMANDS[command].stream != "out":  # else the archive is the progress
+                argv.append(f"{self.settings.stall_seconds / 4:g}")
             channel = connection.transport.open_session(timeout=self.settings.connect_timeout)
-            channel.settimeout(self.settings.command_timeout)
+            channel.settimeout(self.settings.stall_seconds)
             channel.exec_command("exec " + shlex.join(argv))
         except PermissionError as exc:
             raise ConfigurationError(
@@ -307,40 +325,67 @@ def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
 
 
 class _ChannelProcess:
-    """An agent command on an SSH channel: archive bytes on stdout/stdin, result line at the end."""
+    """An agent command on an SSH channel: archive bytes on stdout/stdin, result line at the end.
+
+    ``moved`` is as far as the command is known to have come: the archive bytes through the
+    channel, or the agent's progress lines; the run's meter hears of every advance."""
 
     def __init__(
-        self, channel: paramiko.Channel, command: str, where: str, settings: SshSettings
+        self,
+        channel: paramiko.Channel,
+        command: str,
+        where: str,
+        settings: SshSettings,
+        meter: Meter,
     ) -> None:
         self._channel = channel
         self._command = command
         self._where = where
-        self._timeout = settings.command_timeout
+        self._stall_seconds = settings.stall_seconds
         self._remote_python = settings.remote_python
+        self._meter = meter
+        self.moved = 0
 
     def _broken(self, exc: BaseException) -> PackagingError:
         self.abort()
         if isinstance(exc, TimeoutError):
-            return CommandTimeoutError(
-                f"{self._where}: the agent ({self._command}) was silent for {self._timeout} s; "
-                "the channel was closed, which stops it"
+            return StalledError(
+                self._where,
+                self._command,
+                self._stall_seconds,
+                self.moved,
+                "the channel was closed, which stops the agent",
             )
         return ConnectionDroppedError(
             f"{self._where}: the connection dropped during {self._command}: "
             f"{type(exc).__name__}: {exc}"
         )
 
-    def read(self, size: int) -> bytes:
+    def _advanced(self, moved: int) -> None:
+        if moved > self.moved:
+            self._meter.add(moved - self.moved)
+            self.moved = moved
+
+    def send_spec(self, spec: Mapping[str, Any]) -> None:
         try:
-            return bytes(self._channel.recv(size))
+            self._channel.sendall(json.dumps(spec).encode("ascii") + b"\n")
         except _NETWORK_ERRORS as exc:
             raise self._broken(exc) from None
+
+    def read(self, size: int) -> bytes:
+        try:
+            data = bytes(self._channel.recv(size))
+        except _NETWORK_ERRORS as exc:
+            raise self._broken(exc) from None
+        self._advanced(self.moved + len(data))
+        return data
 
     def write(self, data: bytes) -> None:
         try:
             self._channel.sendall(data)
         except _NETWORK_ERRORS as exc:
             raise self._broken(exc) from None
+        self._advanced(self.moved + len(data))
 
     def close_input(self) -> None:
         try:
@@ -350,9 +395,9 @@ class _ChannelProcess:
 
     def wait(self) -> dict[str, Any]:
         try:
-            out = _drain(self._channel.recv)
-            err = _drain(self._channel.recv_stderr)
-            if not self._channel.status_event.wait(self._timeout):
+            out = self._drain(self._channel.recv, progress_lines=self._command != "send")
+            err = self._drain(self._channel.recv_stderr, progress_lines=False)
+            if not self._channel.status_event.wait(self._stall_seconds):
                 raise TimeoutError()
             status = self._channel.recv_exit_status()
         except _NETWORK_ERRORS as exc:
@@ -383,12 +428,28 @@ class _ChannelProcess:
         with contextlib.suppress(*_NETWORK_ERRORS):  # closing a dead channel raises EOFError
             self._channel.close()
 
+    def _drain(self, recv: Any, progress_lines: bool) -> bytes:
+        """Everything until the stream ends; with ``progress_lines``, each complete
+        ``{"progress": N}`` line also advances ``moved`` as it arrives."""
+        data = bytearray()
+        parsed = 0
+        while chunk := recv(1 << 16):
+            data += chunk
+            if progress_lines:
+                end = data.rfind(b"\n") + 1
+                for line in bytes(data[parsed:end]).splitlines():
+                    self._advanced(_progress(line))
+                parsed = max(parsed, end)
+        return bytes(data)
 
-def _drain(recv: Any) -> bytes:
-    chunks = []
-    while chunk := recv(1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+def _progress(line: bytes) -> int:
+    """The byte count of an agent's progress line; 0 for any other line."""
+    try:
+        parsed = json.loads(line)
+    except ValueError:
+        return 0
+    return int(parsed["progress"]) if isinstance(parsed, dict) and "progress" in parsed else 0
 
 
 def _result_line(output: bytes) -> dict[str, Any] | None:

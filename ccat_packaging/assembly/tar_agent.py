@@ -4,9 +4,11 @@ This module imports only Python's standard library on purpose: the same file run
 when we are the host that holds the files, and is shipped unchanged to a remote host and run
 there with ``python3`` otherwise, so a package has the same bytes and checksum wherever it is
 built. It is driven by JSON-able specs and answers with JSON-able results; failures are
-``AgentError`` with a ``kind`` the caller maps to its own error classes. When the buffer is on
-another host, ``send`` writes the archive to a stream instead of a file and ``receive`` on the
-buffer's host writes that stream to a file, checking the sender's checksum before it counts.
+``AgentError`` with a ``kind`` the caller maps to its own error classes. Every command counts
+the bytes it moves in a ``Progress`` its caller watches, which tells a stalled command from a
+slow one. When the buffer is on another host, ``send`` writes the archive to a stream instead
+of a file and ``receive`` on the buffer's host writes that stream to a file, checking the
+sender's checksum before it counts.
 
 Archive format: GNU tar headers written by ``tarfile`` (integer mtimes, no user/group names),
 member data padded to 512 bytes, two zero blocks, padded to a 10240-byte record. Its size is
@@ -134,6 +136,31 @@ def _explain(exc: OSError) -> str:
     return f"{exc.strerror or exc} [{code}]{where}"
 
 
+class Progress:
+    """The bytes a command has moved so far, which its caller watches, and the caller's way to
+    stop it.
+
+    A command that stops moving (a source disk or mount that no longer answers, a reader or
+    writer at the other end that went quiet) sits in a system call nothing can interrupt. Its
+    caller notices that ``moved`` stood still for too long, gives up and calls ``cancel``: the
+    command then fails with ``interrupted`` at its next step, as soon as that call returns, and
+    removes its temporary file as any failure does. Every command takes one; ``discard`` has
+    nothing to count, ``publish`` only when it reads a file already at the final name.
+    """
+
+    def __init__(self) -> None:
+        self.moved = 0  # one writer (the command), read by its caller: the GIL suffices
+        self._cancelled = False
+
+    def advance(self, count: int) -> None:
+        if self._cancelled:
+            raise AgentError("interrupted", "stopped: its caller saw no progress and gave up")
+        self.moved += count
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+
 class _FiledChecksums(TypedDict, total=False):
     checksums: dict[str, list[str]]  # {relative_path: [algorithm, filed checksum]}
 
@@ -244,11 +271,25 @@ def predicted_size(members: list[tuple[str, int]]) -> int:
     return (total + RECORD - 1) // RECORD * RECORD
 
 
+def position(members: list[tuple[str, int]], offset: int) -> str:
+    """Which file byte ``offset`` of the archive of members (name, size) belongs to, in words:
+    a stalled command is reported with the file it had reached."""
+    start = 0
+    for name, size in members:
+        data = start + _header_size(name)
+        if offset < data:
+            return f"the header of {name!r}"
+        if offset < data + _padded(size):
+            return f"{name!r} at its byte {min(offset - data, size)} of {size}"
+        start = data + _padded(size)
+    return "the end of the archive, after its last file"
+
+
 # The commands. Each is called with its spec (and, if COMMANDS says it streams, the stream)
-# and returns its result.
+# and a Progress, and returns its result.
 
 
-def build(spec: BuildSpec) -> BuildResult:
+def build(spec: BuildSpec, progress: Progress) -> BuildResult:
     """Write the archive (``BuildSpec``) under a temporary name next to its final name,
     fsynced, so that ``publish`` can give it that name atomically once it is verified; the
     ``BuildResult`` has its size and checksum. Nothing is left behind on failure."""
@@ -256,20 +297,21 @@ def build(spec: BuildSpec) -> BuildResult:
     root_real, members = _source(spec)
     need = predicted_size(members)
     with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
-        result = _write_predicted(fd, spec, root_real, members, need, started)
+        result = _write_predicted(fd, spec, root_real, members, need, started, progress)
     return {"temp_path": temp_path, **result}
 
 
-def send(spec: SendSpec, out_fd: int) -> SendResult:
+def send(spec: SendSpec, out_fd: int, progress: Progress) -> SendResult:
     """Write the archive (``SendSpec``) to ``out_fd`` instead of a file, for a buffer on
     another host: the caller passes the bytes to ``receive`` there, and then the checksum of
     the ``SendResult``. Same bytes as ``build``."""
     started = time.monotonic()
     root_real, members = _source(spec)
-    return _write_predicted(out_fd, spec, root_real, members, predicted_size(members), started)
+    need = predicted_size(members)
+    return _write_predicted(out_fd, spec, root_real, members, need, started, progress)
 
 
-def receive(spec: ReceiveSpec, stream: io.BufferedReader) -> ReceiveResult:
+def receive(spec: ReceiveSpec, stream: io.BufferedReader, progress: Progress) -> ReceiveResult:
     """Write an archive arriving on ``stream`` under a temporary name, hashing it on the way,
     like ``build`` does, for the same ``publish`` (``ReceiveSpec``, ``ReceiveResult``). After
     exactly ``size`` bytes the stream carries one line, the sender's checksum: it must equal
@@ -277,7 +319,7 @@ def receive(spec: ReceiveSpec, stream: io.BufferedReader) -> ReceiveResult:
     started = time.monotonic()
     need = int(spec["size"])
     with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
-        pipe = _Pipeline(fd)
+        pipe = _Pipeline(fd, progress)
         try:
             short = AgentError("io", f"the archive stream ended before its {need} bytes arrived")
             pipe.copy_from(stream.readinto, need, short)
@@ -302,9 +344,10 @@ def receive(spec: ReceiveSpec, stream: io.BufferedReader) -> ReceiveResult:
     }
 
 
-def verify(spec: VerifySpec) -> VerifyResult:
+def verify(spec: VerifySpec, progress: Progress) -> VerifyResult:
     """Check a written archive before it is published, without re-reading its data: exact
-    size, then member headers (``VerifySpec``, ``VerifyResult``)."""
+    size, then member headers (``VerifySpec``, ``VerifyResult``); the headers read are its
+    progress."""
     path = spec["path"]
     expected = [(p, int(s)) for p, s in spec["members"]]
     need = predicted_size(expected)
@@ -320,7 +363,10 @@ def verify(spec: VerifySpec) -> VerifyResult:
             with tarfile.open(
                 fileobj=handle, mode="r:", encoding="utf-8", errors="surrogateescape"
             ) as archive:
-                found = [(m.name, m.size) for m in archive]
+                found = []
+                for member in archive:
+                    found.append((member.name, member.size))
+                    progress.advance(member.offset_data - member.offset)
         except tarfile.TarError as exc:  # a damaged first header: not a tar any more
             raise AgentError("verification", f"{path} is not a valid archive: {exc}") from None
     if found != expected:
@@ -333,7 +379,7 @@ def verify(spec: VerifySpec) -> VerifyResult:
     return {"size": actual_size, "members": len(found)}
 
 
-def publish(spec: PublishSpec) -> PublishResult:
+def publish(spec: PublishSpec, progress: Progress) -> PublishResult:
     """Give a verified temporary archive its final name, never replacing anything there
     (``PublishSpec``, ``PublishResult``).
 
@@ -348,7 +394,7 @@ def publish(spec: PublishSpec) -> PublishResult:
     try:
         os.link(temp_path, final)
     except FileExistsError:
-        _check_identical(final, spec)
+        _check_identical(final, spec, progress)
         _remove(temp_path)
         return {"path": final, "adopted": True}
     except FileNotFoundError:
@@ -356,20 +402,20 @@ def publish(spec: PublishSpec) -> PublishResult:
             raise AgentError(
                 "verification", f"the temporary archive {temp_path} is gone; nothing published"
             ) from None
-        _check_identical(final, spec)  # this step ran before and published it
+        _check_identical(final, spec, progress)  # this step ran before and published it
         return {"path": final, "adopted": True}
     _remove(temp_path)
     _fsync_directory(os.path.dirname(final))
     return {"path": final, "adopted": False}
 
 
-def discard(spec: DiscardSpec) -> DiscardResult:
+def discard(spec: DiscardSpec, progress: Progress) -> DiscardResult:
     """Remove a temporary archive that will not be published (``DiscardSpec``,
     ``DiscardResult``); one that is gone already is no error, so a retry is harmless."""
     return {"removed": _remove(spec["temp_path"])}
 
 
-def checksum(spec: ChecksumSpec) -> ChecksumResult:
+def checksum(spec: ChecksumSpec, progress: Progress) -> ChecksumResult:
     """Hash a published archive again, for an operator checking it at rest (``ChecksumSpec``,
     ``ChecksumResult``); the build never does this (it hashes while writing). One sequential
     read in large blocks."""
@@ -377,7 +423,7 @@ def checksum(spec: ChecksumSpec) -> ChecksumResult:
     if algorithm not in hashlib.algorithms_available:
         raise AgentError("config", f"unknown checksum algorithm {algorithm!r}")
     path = os.path.join(spec["root"], check_relative_path(spec["relative_path"]))
-    size, digest = _hash_file(path, algorithm)
+    size, digest = _hash_file(path, algorithm, progress)
     return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest}
 
 
@@ -387,9 +433,10 @@ def checksum(spec: ChecksumSpec) -> ChecksumResult:
 class Command(NamedTuple):
     """A command, and whether it streams an archive besides its spec: that tells a caller (and
     ``main``) how to call it and which end of a pipe to keep. ``stream`` None:
-    ``handler(spec)``, one result; ``"out"``: ``handler(spec, fd)`` also writes the archive to
-    ``fd``; ``"in"``: ``handler(spec, reader)`` also reads an archive from ``reader``. What
-    ``send`` writes on one host is what ``receive`` reads on another."""
+    ``handler(spec, progress)``, one result; ``"out"``: ``handler(spec, fd, progress)`` also
+    writes the archive to ``fd``; ``"in"``: ``handler(spec, reader, progress)`` also reads an
+    archive from ``reader``. What ``send`` writes on one host is what ``receive`` reads on
+    another."""
 
     handler: Callable[..., Any]
     stream: str | None
@@ -406,25 +453,28 @@ COMMANDS = {
 }
 
 
-def run_command(command: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+def run_command(command: str, spec: Mapping[str, Any], progress: Progress) -> dict[str, Any]:
     """Dispatch one command that needs nothing but its spec (a streaming one also needs its
     stream and is called directly)."""
     entry = COMMANDS.get(command)
     if entry is None or entry.stream is not None:
         raise AgentError("config", f"{command!r} is not an agent command that answers alone")
     try:
-        return entry.handler(spec)
+        return entry.handler(spec, progress)
     except OSError as exc:
         raise os_failure(exc, command) from None
 
 
 def main(argv: list[str]) -> int:
-    """``python3 tar_agent.py COMMAND SPEC``: one JSON result line, exit 0 or 3.
+    """``python3 tar_agent.py COMMAND SPEC [EVERY]``: one JSON result line, exit 0 or 3.
 
     SPEC is a JSON file, or ``-``: then the spec is the first line on stdin, and the rest of
     stdin is the archive for a command that streams ``in`` and otherwise the caller's lifeline
     (its end stops the command). The result line goes to stdout, except for a command that
-    streams ``out``, whose stdout is the archive: its result is the last line on stderr.
+    streams ``out``, whose stdout is the archive: its result is the last line on stderr. With
+    EVERY (seconds), a line ``{"progress": BYTES}`` goes before it every EVERY seconds in which
+    the command moved bytes, so that a caller who gives up after some silence gives up on a
+    command that stopped moving, not on one that takes long.
     """
     command, spec_arg = argv[1], argv[2]
     stream = COMMANDS[command].stream if command in COMMANDS else None
@@ -436,13 +486,16 @@ def main(argv: list[str]) -> int:
     else:
         with open(spec_arg, encoding="utf-8") as handle:
             spec = json.load(handle)
-    report = sys.stderr if stream == "out" else sys.stdout
+    report = _Report(sys.stderr if stream == "out" else sys.stdout)
+    progress = Progress()
+    if len(argv) > 3:
+        report.progress_of(progress, float(argv[3]))
     try:
         if stream is None:
-            outcome = run_command(command, spec)  # which also refuses an unknown command
+            outcome = run_command(command, spec, progress)  # which also refuses unknown ones
         else:
             archive = sys.stdout.fileno() if stream == "out" else stdin
-            outcome = COMMANDS[command].handler(spec, archive)
+            outcome = COMMANDS[command].handler(spec, archive, progress)
         result: dict[str, Any] = {"ok": outcome}
         code = 0
     except AgentError as exc:
@@ -450,12 +503,44 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         failure = os_failure(exc, command)
         result, code = {"error": {"kind": failure.kind, "message": failure.message}}, 3
-    try:
-        report.write(json.dumps(result) + "\n")
-        report.flush()
-    except OSError:
-        pass  # nobody is listening any more: the connection is gone
+    report.last(result)
     return code
+
+
+class _Report:
+    """The stream a command's caller reads its result from: progress lines, then the result,
+    never interleaved."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._done = False
+
+    def progress_of(self, progress: Progress, every: float) -> None:
+        def report() -> None:
+            reported = 0
+            while not self._done:
+                time.sleep(every)
+                moved = progress.moved
+                if moved != reported:
+                    self._line({"progress": moved})
+                    reported = moved
+
+        threading.Thread(target=report, daemon=True).start()
+
+    def last(self, result: dict[str, Any]) -> None:
+        self._line(result)
+        self._done = True
+
+    def _line(self, value: dict[str, Any]) -> None:
+        with self._lock:
+            if self._done:
+                return
+            try:
+                self._stream.write(json.dumps(value) + "\n")
+                self._stream.flush()
+            except OSError:
+                pass  # nobody is listening any more: the connection is gone
 
 
 def _stop_when_caller_leaves(stdin: io.BufferedReader) -> None:
@@ -789,14 +874,17 @@ def _remove_partials(dest_dir: str, base: str) -> None:
             os.unlink(os.path.join(dest_dir, entry))
 
 
-def _check_identical(final: str, spec: PublishSpec) -> None:
+def _check_identical(final: str, spec: PublishSpec, progress: Progress) -> None:
     """Refuse, naming ``final``, unless it is a regular file with the package's bytes."""
     st = os.lstat(final)
     advice = "it was left untouched; move it away if it is not needed, then requeue"
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "a symlink")
         raise AgentError("exists", f"{final} is already there and is {kind}; {advice}")
-    if st.st_size == int(spec["size"]) and _hash_file(final, ALGORITHM)[1] == spec["checksum"]:
+    if (
+        st.st_size == int(spec["size"])
+        and _hash_file(final, ALGORITHM, progress)[1] == spec["checksum"]
+    ):
         return
     raise AgentError(
         "exists",
@@ -805,7 +893,7 @@ def _check_identical(final: str, spec: PublishSpec) -> None:
     )
 
 
-def _hash_file(path: str, algorithm: str) -> tuple[int, str]:
+def _hash_file(path: str, algorithm: str, progress: Progress) -> tuple[int, str]:
     """Size and hex digest of a file, read once sequentially in large blocks."""
     digest = hashlib.new(algorithm)
     size = 0
@@ -816,6 +904,7 @@ def _hash_file(path: str, algorithm: str) -> tuple[int, str]:
         while count := handle.readinto(block):
             digest.update(block[:count])
             size += count
+            progress.advance(count)
     return size, digest.hexdigest()
 
 
@@ -843,10 +932,12 @@ def _write_predicted(
     members: list[tuple[str, int]],
     need: int,
     started: float,
+    progress: Progress,
 ) -> SendResult:
     """Write the archive and insist on exactly the predicted size; the result ``build`` and
     ``send`` report."""
-    digest, total = _write_archive(out_fd, root_real, members, spec.get("checksums", {}))
+    filed = spec.get("checksums", {})
+    digest, total = _write_archive(out_fd, root_real, members, filed, progress)
     if total != need:
         raise AgentError("verification", f"wrote {total} bytes but {need} were predicted")
     return {
@@ -859,14 +950,18 @@ def _write_predicted(
 
 
 def _write_archive(
-    out_fd: int, root_real: str, members: list[tuple[str, int]], filed: dict[str, list[str]]
+    out_fd: int,
+    root_real: str,
+    members: list[tuple[str, int]],
+    filed: dict[str, list[str]],
+    progress: Progress,
 ) -> tuple[str, int]:
     """Write the archive; ``filed`` maps members to their filed [algorithm, checksum], which
     their bytes must match (checked in the same pass, on a thread of its own)."""
     checks = {path: _MemberCheck(path, alg, value) for path, (alg, value) in filed.items()}
     tree = _SourceTree(root_real)
     ahead = _ReadAhead(tree, members)
-    pipe = _Pipeline(out_fd, check_members=bool(checks))
+    pipe = _Pipeline(out_fd, progress, check_members=bool(checks))
     try:
         for relative, fd, st in ahead:
             try:
@@ -994,11 +1089,14 @@ class _Pipeline:
     third hashes the members whose filed checksum is known.
 
     hashlib and os.write release the GIL, so reading, hashing and writing overlap; each buffer
-    returns to the pool once every consumer is done with it, which bounds memory.
+    returns to the pool once every consumer is done with it, which bounds memory. The bytes put
+    into buffers are the command's progress: when reading, hashing or writing stops, the
+    buffers run out and it stands still.
     """
 
-    def __init__(self, out_fd: int, check_members: bool = False) -> None:
+    def __init__(self, out_fd: int, progress: Progress, check_members: bool = False) -> None:
         self.out_fd = out_fd
+        self.progress = progress
         self.digest = hashlib.new(ALGORITHM)
         self.total = 0
         self._free: queue.Queue[bytearray] = queue.Queue()
@@ -1083,6 +1181,7 @@ class _Pipeline:
             self._buf[self._fill : self._fill + k] = view[:k]
             self._fill += k
             self.total += k
+            self.progress.advance(k)
             view = view[k:]
             if self._fill == BUFFER_SIZE:
                 self._flush()
@@ -1106,6 +1205,7 @@ class _Pipeline:
                 self._spans.append((check, self._fill, self._fill + n))
             self._fill += n
             self.total += n
+            self.progress.advance(n)
             left -= n
             if self._fill == BUFFER_SIZE:
                 self._flush()
