@@ -167,11 +167,11 @@ class Lab:
     agent_dir: Path  # where the agent is uploaded, instead of ~/.cache on the "remote" hosts
 
     def hosts(self) -> AssemblyHosts:
-        return AssemblyHosts(
-            key_filename=str(self.key),
-            known_hosts=str(self.known_hosts),
-            remote_dir=str(self.agent_dir),
-        )
+        """Resources that reach the lab: its settings are this process's environment."""
+        os.environ["CCAT_SSH_KEY_FILE"] = str(self.key)
+        os.environ["CCAT_SSH_KNOWN_HOSTS"] = str(self.known_hosts)
+        os.environ["CCAT_SSH_REMOTE_DIR"] = str(self.agent_dir)
+        return AssemblyHosts()
 
 
 def _here(root: Path, name: str) -> Endpoint:

@@ -175,7 +175,7 @@ def child(url: str, dsn: str) -> dict[str, Any]:
 
     event.listen(Engine, "before_cursor_execute", capture)
     sensor = defs().resolve_sensor_def(SENSOR)
-    ops_db = OpsDatabase(url=url)
+    ops_db = OpsDatabase()
     instance = dg.DagsterInstance.ephemeral()
 
     def tick(cursor: str | None) -> tuple[float, dg.SensorResult, int]:

@@ -20,6 +20,7 @@ The timed code runs inside the buffer host's namespace: ``python -m benchmarks.t
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def _assemble_here(probe: Probe) -> dict[str, float]:
     buffer = Endpoint(2, "buffer", probe["buffer_address"], "root", 22, probe["buffer_root"])
     [source] = probe["sources"]
     name = Path(source["root"]).parent.name
-    hosts = AssemblyHosts(key_filename=probe["key"], known_hosts=probe["known_hosts"])
+    _ssh_environment(probe)
+    hosts = AssemblyHosts()
     endpoint = Endpoint(1, name, source["address"], "root", 22, source["root"])
     members = tuple((path, size) for path, size in source["members"])
     plan = PackagePlan(1, name, name, 1, f"{name}/{name}.tar", endpoint, 1, members)
@@ -148,11 +150,19 @@ def _assemble_here(probe: Probe) -> dict[str, float]:
         hosts.close()
 
 
+def _ssh_environment(probe: Probe) -> None:
+    """The probe's key and known-hosts file, as a deployment sets them: in the environment."""
+    os.environ["CCAT_SSH_KEY_FILE"] = probe["key"]
+    os.environ["CCAT_SSH_KNOWN_HOSTS"] = probe["known_hosts"]
+
+
 def _job_here(probe: Probe) -> dict[str, float]:
     """In the buffer host's namespace: the location's packaging job for one partition, in
     process, as the worker runs it (its database across the uplink)."""
     assert probe["location"] is not None
     location = SourceLocationRef(**probe["location"])
+    _ssh_environment(probe)
+    os.environ["CCAT_OPS_DB_URL"] = probe["ops_db_url"]
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(names.partitions_name(location.slug), [probe["partition"]])
         started = time.perf_counter()
@@ -160,10 +170,8 @@ def _job_here(probe: Probe) -> dict[str, float]:
             partition_key=probe["partition"],
             instance=instance,
             resources={
-                "ops_db": OpsDatabase(url=probe["ops_db_url"]),
-                "assembly_hosts": AssemblyHosts(
-                    key_filename=probe["key"], known_hosts=probe["known_hosts"]
-                ),
+                "ops_db": OpsDatabase(),
+                "assembly_hosts": AssemblyHosts(),
             },
         )
         seconds = time.perf_counter() - started

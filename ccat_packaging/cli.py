@@ -8,10 +8,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ccat_packaging import operations, settings
-from ccat_packaging.db import make_engine, redacted, session_scope
+from ccat_packaging.db import failure, make_engine, redacted, session_scope
 from ccat_packaging.errors import PackagingError
 from ccat_packaging.models import Base
 
@@ -79,12 +80,12 @@ def _requeue(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """Re-hash a package at its buffer; the database is read first and not held open while
     a package of hundreds of GB is read."""
-    from ccat_packaging.resources import assembly_hosts_from_env  # imports Dagster: only here
+    from ccat_packaging.resources import AssemblyHosts  # imports Dagster: only here
 
     with _ops_session() as session:
         copies = operations.recorded_copies(session, args.package)
     failed = 0
-    with assembly_hosts_from_env().process_config_and_initialize_cm() as hosts:
+    with AssemblyHosts().process_config_and_initialize_cm() as hosts:
         for copy in copies:
             check = operations.check_copy(hosts, copy)
             verdict = "OK" if check.ok else "MISMATCH"
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except PackagingError as exc:
         print(f"error: {exc}")
+        return 1
+    except SQLAlchemyError as exc:  # one line without the password, not a traceback
+        print(f"error: operations database {failure(settings.ops_db_url(), exc)}")
         return 1
 
 

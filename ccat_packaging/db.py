@@ -7,7 +7,13 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from ccat_packaging.errors import DatabaseUnavailableError
@@ -27,12 +33,41 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Query parameters reach the driver as connect arguments instead, so that no repr of the
+    # engine or its URL shows them: SQLAlchemy hides only the password before the host, and
+    # a driver takes credentials there too. ``host`` stays, for SQLAlchemy's multi-host form.
+    connect_args = {name: value for name, value in parsed.query.items() if name != "host"}
+    return create_engine(
+        parsed.difference_update_query(connect_args),
+        connect_args=connect_args,
+        pool_pre_ping=True,
+    )
 
 
 def redacted(url: str) -> str:
-    """The URL as it may appear in logs and the UI: never with its password."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL as it may appear in logs, messages and the UI: driver, user, host, port,
+    database and the names of its query parameters. The password is hidden, and so is every
+    query value, since drivers take credentials there under many names (``password``,
+    ``sslpassword``, ``passfile``, ...). A host with an ``@`` in it is the rest of a password
+    that holds an unencoded ``@``, and a URL that does not parse may be a password typed in
+    the wrong place: neither is shown."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return "<unparseable URL>"
+    hidden = parsed.set(query={})
+    if parsed.host and "@" in parsed.host:
+        hidden = hidden.set(host="***")
+    query = "&".join(f"{name}=***" for name in parsed.query)
+    return hidden.render_as_string(hide_password=True) + (f"?{query}" if query else "")
+
+
+def failure(url: str, exc: SQLAlchemyError) -> str:
+    """One line on an error of the database at ``url``: its redacted URL, the error's class
+    and the first line of its message (driver messages name host, port and options, never a
+    password; the lines after it hold statements and their parameters)."""
+    lines = str(exc).strip().splitlines()
+    return f"{redacted(url)}: {type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
 @contextmanager

@@ -9,12 +9,12 @@ import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
 from ccat_packaging import settings
-from ccat_packaging.db import make_engine, redacted, session_scope
+from ccat_packaging.db import failure, make_engine, session_scope
 from ccat_packaging.discovery import SourceLocationRef, source_locations
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.jobs import build_package_job
 from ccat_packaging.maintenance import packaging_retention, packaging_retention_daily
-from ccat_packaging.resources import assembly_hosts_from_env, ops_database_from_env
+from ccat_packaging.resources import AssemblyHosts, OpsDatabase
 from ccat_packaging.sensors import build_source_location_sensor
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -29,8 +29,7 @@ def load_source_locations(url: str) -> list[SourceLocationRef]:
             return source_locations(session)
     except SQLAlchemyError as exc:
         raise ConfigurationError(
-            f"cannot read SOURCE locations from the operations database {redacted(url)}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            f"cannot read SOURCE locations from the operations database {failure(url, exc)}"
         ) from exc
     finally:
         engine.dispose()
@@ -44,5 +43,5 @@ def defs() -> dg.Definitions:
         jobs=[*jobs.values(), packaging_retention],
         schedules=[packaging_retention_daily],
         sensors=[build_source_location_sensor(loc, jobs[loc.slug]) for loc in locations],
-        resources={"ops_db": ops_database_from_env(), "assembly_hosts": assembly_hosts_from_env()},
+        resources={"ops_db": OpsDatabase(), "assembly_hosts": AssemblyHosts()},
     )

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -19,14 +18,12 @@ from ccat_packaging.plans import Endpoint
 
 
 class OpsDatabase(dg.ConfigurableResource):
-    """The operations database; ``url`` may carry a password, so bind it with ``EnvVar``."""
-
-    url: str
+    """The operations database at ``CCAT_OPS_DB_URL`` (else the embedded SQLite), read from
+    the environment of the process that uses it. The resource has no config fields: the URL
+    may carry a password, which the UI must not show, and no run config may point a run at
+    another database (Dagster refuses run config for fields a resource lacks)."""
 
     _engine: Engine | None = PrivateAttr(default=None)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._engine = make_engine(self.url)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._engine is not None:
@@ -35,7 +32,7 @@ class OpsDatabase(dg.ConfigurableResource):
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.url)
+            self._engine = make_engine(settings.ops_db_url())
         return self._engine
 
     @contextmanager
@@ -45,50 +42,20 @@ class OpsDatabase(dg.ConfigurableResource):
             yield session
 
 
-def ops_database_from_env() -> OpsDatabase:
-    """``CCAT_OPS_DB_URL`` through ``EnvVar`` (never shown in the UI), else the embedded SQLite."""
-    if os.environ.get(settings.OPS_DB_URL_ENV):
-        return OpsDatabase(url=dg.EnvVar(settings.OPS_DB_URL_ENV))
-    return OpsDatabase(url=settings.default_ops_db_url())
-
-
 class AssemblyHosts(dg.ConfigurableResource):
     """Reaches the host that holds a location's files: this process when the location's host
     is this machine, otherwise SSH with one connection per host for the whole run.
 
-    The key, its passphrase and the known-hosts file come from the environment (``EnvVar``),
-    never from the repository; host, user, port and path come from the location rows. A
-    command that moves no bytes for ``CCAT_STALL_SECONDS`` fails as stalled; ``moved`` counts
-    the bytes this run's commands moved, which the package heartbeat watches.
+    How SSH trusts hosts, which key it logs in with, and what it runs where are the
+    deployment's: ``CCAT_SSH_*`` and ``CCAT_STALL_SECONDS``, read when the run first reaches a
+    host over SSH. The resource has no config fields, so no run config can change or drop
+    them, and the UI shows no secret. Host, user, port and path come from the location rows.
+    A command that moves no bytes for ``CCAT_STALL_SECONDS`` fails as stalled; ``moved``
+    counts the bytes this run's commands moved, which the package heartbeat watches.
     """
-
-    key_filename: str | None = Field(
-        default=None, description="private key for SSH logins; None: the user's default keys"
-    )
-    key_passphrase: str | None = Field(default=None, description="passphrase of that key")
-    known_hosts: str | None = Field(
-        default=None,
-        description="known-hosts file that host keys are checked against; None: ~/.ssh/known_hosts",
-    )
-    trust_unknown_hosts: bool = Field(
-        default=False,
-        description="accept (and record) keys of hosts not yet known; a changed key is "
-        "refused regardless",
-    )
-    connect_timeout: int = Field(default=15, description="seconds to connect and log in")
-    remote_python: str = Field(
-        default="/usr/bin/python3", description="python3 on the remote hosts (3.8 or newer)"
-    )
-    remote_dir: str = Field(
-        default=".cache/ccat-packaging",
-        description="where the tar agent is kept on remote hosts (relative: to the login home)",
-    )
 
     _ssh: SshHosts | None = PrivateAttr(default=None)
     _meter: Meter = PrivateAttr(default_factory=Meter)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._ssh = None
 
     @property
     def moved(self) -> int:
@@ -107,40 +74,19 @@ class AssemblyHosts(dg.ConfigurableResource):
         if is_same_host(endpoint.host):
             return LocalRunner(self, endpoint, self._meter, settings.stall_seconds())
         if self._ssh is None:
-            self._ssh = SshHosts(
-                SshSettings(
-                    stall_seconds=settings.stall_seconds(),
-                    key_filename=self.key_filename,
-                    key_passphrase=self.key_passphrase,
-                    known_hosts=self.known_hosts,
-                    trust_unknown_hosts=self.trust_unknown_hosts,
-                    connect_timeout=self.connect_timeout,
-                    remote_python=self.remote_python,
-                    remote_dir=self.remote_dir,
-                ),
-                self._meter,
-            )
+            self._ssh = SshHosts(ssh_settings(), self._meter)
         return self._ssh.runner(endpoint, hosts=self)
 
 
-SSH_KEY_FILE_ENV = "CCAT_SSH_KEY_FILE"
-SSH_KEY_PASSPHRASE_ENV = "CCAT_SSH_KEY_PASSPHRASE"
-SSH_KNOWN_HOSTS_ENV = "CCAT_SSH_KNOWN_HOSTS"
-SSH_TRUST_UNKNOWN_HOSTS_ENV = "CCAT_SSH_TRUST_UNKNOWN_HOSTS"
-
-
-def assembly_hosts_from_env() -> AssemblyHosts:
-    """SSH settings from ``CCAT_SSH_*``: paths and the passphrase through ``EnvVar`` (resolved
-    at run time, never shown in the UI), each only when set, so a machine without SSH set-up
-    (the embedded demo) loads as well. Trusting unknown host keys is an explicit opt-in."""
-    trust = os.environ.get(SSH_TRUST_UNKNOWN_HOSTS_ENV, "").strip().lower()
-    return AssemblyHosts(
-        key_filename=_env_var(SSH_KEY_FILE_ENV),
-        key_passphrase=_env_var(SSH_KEY_PASSPHRASE_ENV),
-        known_hosts=_env_var(SSH_KNOWN_HOSTS_ENV),
-        trust_unknown_hosts=trust in ("1", "true", "yes"),
+def ssh_settings() -> SshSettings:
+    """The SSH settings of this process's environment."""
+    return SshSettings(
+        stall_seconds=settings.stall_seconds(),
+        key_filename=settings.ssh_key_file(),
+        key_passphrase=settings.ssh_key_passphrase(),
+        known_hosts=settings.ssh_known_hosts(),
+        trust_unknown_hosts=settings.ssh_trust_unknown_hosts(),
+        connect_timeout=settings.ssh_connect_timeout_seconds(),
+        remote_python=settings.ssh_remote_python(),
+        remote_dir=settings.ssh_remote_dir(),
     )
-
-
-def _env_var(name: str) -> dg.EnvVar | None:
-    return dg.EnvVar(name) if os.environ.get(name) else None

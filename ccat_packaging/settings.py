@@ -78,6 +78,50 @@ def stall_seconds() -> int:
     return _int("CCAT_STALL_SECONDS", 300)
 
 
+def ssh_key_file() -> str | None:
+    """``CCAT_SSH_KEY_FILE``: the one private key for SSH logins; None: the user's default
+    keys and agent."""
+    return os.environ.get("CCAT_SSH_KEY_FILE") or None
+
+
+def ssh_key_passphrase() -> str | None:
+    """``CCAT_SSH_KEY_PASSPHRASE``: the passphrase of that key."""
+    return os.environ.get("CCAT_SSH_KEY_PASSPHRASE") or None
+
+
+def ssh_known_hosts() -> str | None:
+    """``CCAT_SSH_KNOWN_HOSTS``: the file host keys are checked against; None:
+    ``~/.ssh/known_hosts``."""
+    return os.environ.get("CCAT_SSH_KNOWN_HOSTS") or None
+
+
+def ssh_trust_unknown_hosts() -> bool:
+    """``CCAT_SSH_TRUST_UNKNOWN_HOSTS``: accepting (and recording) keys of hosts not yet known
+    is an explicit opt-in (``1``, ``true``, ``yes``); anything else refuses them."""
+    return os.environ.get("CCAT_SSH_TRUST_UNKNOWN_HOSTS", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+
+
+def ssh_connect_timeout_seconds() -> int:
+    """Seconds to connect to a host and log in."""
+    return _int("CCAT_SSH_CONNECT_TIMEOUT_SECONDS", 15)
+
+
+def ssh_remote_python() -> str:
+    """``CCAT_SSH_REMOTE_PYTHON``: the python3 (3.8 or newer) that runs the tar agent on
+    remote hosts."""
+    return os.environ.get("CCAT_SSH_REMOTE_PYTHON") or "/usr/bin/python3"
+
+
+def ssh_remote_dir() -> str:
+    """``CCAT_SSH_REMOTE_DIR``: where the tar agent is kept on remote hosts (relative: to the
+    login's home)."""
+    return os.environ.get("CCAT_SSH_REMOTE_DIR") or ".cache/ccat-packaging"
+
+
 def partition_retention_days() -> int:
     """A file group whose packages all completed longer ago than this loses its Dagster
     partition (the database keeps everything); a late file brings it back."""

@@ -11,12 +11,13 @@ from ccat_packaging.resources import OpsDatabase
 
 
 def evaluate_sensor(
-    name: str, instance: dg.DagsterInstance, url: str, cursor: str | None = None
+    name: str, instance: dg.DagsterInstance, cursor: str | None = None
 ) -> dg.SensorResult:
-    """One tick of the named sensor, exactly as the code location defines it."""
+    """One tick of the named sensor, exactly as the code location defines it, on the
+    operations database of ``CCAT_OPS_DB_URL``."""
     sensor = defs().resolve_sensor_def(name)
     with dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"ops_db": OpsDatabase(url=url)}
+        instance=instance, cursor=cursor, resources={"ops_db": OpsDatabase()}
     ) as context:
         result = sensor(context)
     assert isinstance(result, dg.SensorResult)

@@ -37,12 +37,21 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
 
 
 @pytest.fixture
-def make_hosts(ssh_lab: SshLab) -> Iterator[MakeHosts]:
-    """``AssemblyHosts`` for the lab with some settings changed, closed after the test."""
+def make_hosts(ssh_lab: SshLab, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeHosts]:
+    """``AssemblyHosts`` for the lab with some settings changed, closed after the test. The
+    settings are the environment's (for the rest of the test), read at the first SSH use."""
     made: list[AssemblyHosts] = []
 
-    def make(**settings: object) -> AssemblyHosts:
-        made.append(ssh_lab.hosts(**settings))
+    def make(
+        key_filename: str | None = None,
+        known_hosts: str | None = None,
+        trust_unknown_hosts: bool = False,
+    ) -> AssemblyHosts:
+        for name, value in ssh_lab.environment(
+            key_filename, known_hosts, trust_unknown_hosts
+        ).items():
+            monkeypatch.setenv(name, value)
+        made.append(AssemblyHosts())
         return made[-1]
 
     yield make

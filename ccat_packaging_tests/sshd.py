@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ccat_packaging.plans import Endpoint
 from ccat_packaging.resources import AssemblyHosts
@@ -165,15 +164,22 @@ class SshLab:
     client_key: Path
     known_hosts: Path
 
-    def hosts(self, **settings: Any) -> AssemblyHosts:
-        values: dict[str, Any] = {
-            "key_filename": str(self.client_key),
-            "known_hosts": str(self.known_hosts),
-            "connect_timeout": 5,
-            **settings,
+    def environment(
+        self,
+        key_filename: str | None = None,
+        known_hosts: str | None = None,
+        trust_unknown_hosts: bool = False,
+    ) -> dict[str, str]:
+        """The ``CCAT_SSH_*`` settings that reach the lab: its key and known-hosts file unless
+        others are given, as a deployment sets them."""
+        return {
+            "CCAT_SSH_KEY_FILE": key_filename or str(self.client_key),
+            "CCAT_SSH_KNOWN_HOSTS": known_hosts or str(self.known_hosts),
+            "CCAT_SSH_TRUST_UNKNOWN_HOSTS": "1" if trust_unknown_hosts else "0",
+            "CCAT_SSH_CONNECT_TIMEOUT_SECONDS": "5",
         }
-        return AssemblyHosts(**values)
 
 
-# What the ``make_hosts`` fixture (ssh_fixtures) gives: ``SshLab.hosts``, closed after the test.
+# What the ``make_hosts`` fixture (ssh_fixtures) gives: ``AssemblyHosts`` in the environment
+# ``SshLab.environment`` makes of the same arguments, closed after the test.
 MakeHosts = Callable[..., AssemblyHosts]

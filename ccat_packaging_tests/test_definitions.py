@@ -41,11 +41,13 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
     assert assemble.tags["dagster/concurrency_key"] == "assembly_localhost"
 
 
-def test_the_database_url_is_never_shown_in_resource_config(world) -> None:
+def test_the_resources_have_no_config_for_the_ui_to_show(world) -> None:
     world.location(world.site(), "src", LocationType.SOURCE)
-    # Bound through EnvVar: the UI shows the variable's name, not the URL.
-    ops_db = (defs().resources or {})["ops_db"]
-    assert "postgresql" not in repr(ops_db.url)
+    # They read the environment when used (test_resources.py): no URL, key or path to show.
+    resources = defs().resources or {}
+    for name in ("ops_db", "assembly_hosts"):
+        assert type(resources[name]).model_fields == {}, name
+    assert "postgresql" not in repr(resources)
 
 
 def test_an_unreachable_database_is_a_clear_load_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -123,7 +123,7 @@ def test_kill_9_during_assembly_is_recovered_by_the_sensor(world, tmp_path, monk
     assert not (world.root(buf) / package.relative_path).exists()  # nothing under a final name
     time.sleep(2.5)  # the heartbeat has stopped: the package is now stale
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        tick = evaluate_sensor("package_src_sensor", instance, world.url)
+        tick = evaluate_sensor("package_src_sensor", instance)
         [request] = tick.run_requests or []
         assert request.partition_key == key and ":resume:" in str(request.run_key)
         assert run_partition(instance, key).success

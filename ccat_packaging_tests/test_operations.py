@@ -60,11 +60,11 @@ def test_a_requeued_package_is_rebuilt_by_the_next_sensor_run(world, capsys) -> 
             failed = s.query(RawDataPackage).one()
             assert failed.status == Status.FAILED
         # Failed packages are not retried behind the operator's back.
-        assert not evaluate_sensor("package_src_sensor", instance, world.url).run_requests
+        assert not evaluate_sensor("package_src_sensor", instance).run_requests
         path.write_bytes(content)  # ...an operator restored it and requeues the package
         assert main(["requeue", "--package", failed.name]) == 0
         assert f"requeued {failed.name}" in capsys.readouterr().out
-        [request] = evaluate_sensor("package_src_sensor", instance, world.url).run_requests or []
+        [request] = evaluate_sensor("package_src_sensor", instance).run_requests or []
         assert request.partition_key == key
         assert run_partition(instance, key).success
     with world.session() as s:

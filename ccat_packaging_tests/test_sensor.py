@@ -6,9 +6,11 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from ccat_packaging.definitions import defs
 from ccat_packaging.errors import DatabaseUnavailableError, NoActiveBufferError
 from ccat_packaging.models import LocationType
 from ccat_packaging.names import BUFFER_LOCATION_TAG
+from ccat_packaging.resources import OpsDatabase
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
 
@@ -28,7 +30,7 @@ def _site_with_groups(world, n_groups: int = 3):
 def test_one_request_per_group_with_partition_keys_and_partitions(world) -> None:
     groups = _site_with_groups(world)
     with dg.instance_for_test() as instance:
-        result = evaluate_sensor("package_src_sensor", instance, world.url)
+        result = evaluate_sensor("package_src_sensor", instance)
     keys = [f"src__eou{g.eou_id}__mod{g.module_id}" for g in groups]
     assert [r.partition_key for r in result.run_requests or []] == keys
     assert len({r.run_key for r in result.run_requests or []}) == len(keys)
@@ -50,16 +52,16 @@ def test_one_request_per_group_with_partition_keys_and_partitions(world) -> None
 def test_nothing_is_requested_for_packaged_files_and_late_files_get_a_new_run_key(world) -> None:
     groups = _site_with_groups(world, n_groups=2)
     with dg.instance_for_test() as instance:
-        first = evaluate_sensor("package_src_sensor", instance, world.url)
+        first = evaluate_sensor("package_src_sensor", instance)
         for request in first.run_requests or []:
             assert run_partition(instance, str(request.partition_key)).success
-        after = evaluate_sensor("package_src_sensor", instance, world.url)
+        after = evaluate_sensor("package_src_sensor", instance)
         assert not after.run_requests
         assert "no new unpackaged files" in str(after.skip_reason)
         # Even a full rescan (fresh cursor) finds nothing: the files are claimed.
-        assert not evaluate_sensor("package_src_sensor", instance, world.url).run_requests
+        assert not evaluate_sensor("package_src_sensor", instance).run_requests
         world.file(groups[0], "late.dat")
-        late = evaluate_sensor("package_src_sensor", instance, world.url, cursor=after.cursor)
+        late = evaluate_sensor("package_src_sensor", instance, cursor=after.cursor)
     assert [r.partition_key for r in late.run_requests or []] == [
         f"src__eou{groups[0].eou_id}__mod{groups[0].module_id}"
     ]
@@ -76,17 +78,22 @@ def test_a_site_without_an_active_buffer_fails_the_tick_visibly(world) -> None:
         dg.instance_for_test() as instance,
         pytest.raises(NoActiveBufferError, match="no active BUFFER"),
     ):
-        evaluate_sensor("package_src_sensor", instance, world.url)
+        evaluate_sensor("package_src_sensor", instance)
 
 
-def test_an_unreachable_database_fails_the_tick_with_one_clear_line(world) -> None:
+def test_an_unreachable_database_fails_the_tick_with_one_clear_line(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
     world.location(world.site(), "src", LocationType.SOURCE)
+    sensor = defs().resolve_sensor_def("package_src_sensor")  # loaded while the database is up
     down = "postgresql+psycopg2://postgres:s3cret@127.0.0.1:1/nowhere"
+    monkeypatch.setenv("CCAT_OPS_DB_URL", down)
     with (
         dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance, resources={"ops_db": OpsDatabase()}) as context,
         pytest.raises(DatabaseUnavailableError) as info,
     ):
-        evaluate_sensor("package_src_sensor", instance, down)
+        sensor(context)
     message = str(info.value)
     assert message.startswith("operations database unavailable: connection to server at")
     assert message.endswith("; the next tick tries again")
@@ -99,7 +106,7 @@ def test_a_tick_that_requests_runs_creates_its_host_pool_first(world) -> None:
     pools = {"concurrency": {"pools": {"default_limit": 2}}}
     with dg.instance_for_test(overrides=pools) as instance:
         assert instance.event_log_storage.get_pool_limits() == []
-        evaluate_sensor("package_src_sensor", instance, world.url)
+        evaluate_sensor("package_src_sensor", instance)
         [pool] = instance.event_log_storage.get_pool_limits()
     # Made before any run claims a slot: concurrent first claims would race in Dagster.
     assert (pool.name, pool.limit, pool.from_default) == ("assembly_localhost", 2, True)

@@ -404,7 +404,9 @@ def test_a_key_the_host_does_not_accept_is_an_authentication_error(
     assert not info.value.retryable
 
 
-def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: Path) -> None:
+def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     public = keygen(tmp_path / "locked", passphrase="correct horse")
     with running_sshd("127.0.0.5", tmp_path / "host", [public]) as server:
         (tmp_path / "known_hosts").write_text(server.known_hosts_line + "\n")
@@ -415,12 +417,11 @@ def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: 
             server.endpoint(tmp_path / "buf", "buf"),
             (("a.dat", 3),),
         )
+        monkeypatch.setenv("CCAT_SSH_KEY_FILE", str(tmp_path / "locked"))
+        monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(tmp_path / "known_hosts"))
         for passphrase in ("wrong", "correct horse"):
-            hosts = AssemblyHosts(
-                key_filename=str(tmp_path / "locked"),
-                key_passphrase=passphrase,
-                known_hosts=str(tmp_path / "known_hosts"),
-            )
+            monkeypatch.setenv("CCAT_SSH_KEY_PASSPHRASE", passphrase)
+            hosts = AssemblyHosts()
             try:
                 if passphrase == "wrong":
                     with pytest.raises(ConfigurationError, match="cannot load the SSH key"):
@@ -431,6 +432,48 @@ def test_an_encrypted_key_works_with_its_passphrase_from_the_settings(tmp_path: 
                     assert_built_over_ssh(built, server, {"a.dat": b"abc"})
             finally:
                 hosts.close()
+
+
+# Config files a worker may hold that Fabric or OpenSSH would read, each trying to change how
+# hosts are reached: a ProxyCommand gateway (which would run), agent forwarding, another key.
+# MARKER is where a file that was read leaves its trace.
+PLANTED_CONFIGS = {
+    "~/.fabric.py": '__import__("pathlib").Path("MARKER").touch()\n'
+    'gateway = "touch MARKER"\nforward_agent = True\n',
+    "~/.fabric.yaml": "gateway: touch MARKER\nforward_agent: true\n"
+    "connect_kwargs:\n  key_filename: MARKER\n",
+    "./fabric.yaml": "gateway: touch MARKER\n",
+    "~/.ssh/config": "Host *\n  ProxyCommand touch MARKER\n  Port 1\n  User nobody\n",
+}
+
+
+@pytest.mark.parametrize("planted", PLANTED_CONFIGS)
+def test_fabric_and_ssh_config_files_on_the_worker_change_nothing(
+    make_hosts: MakeHosts,
+    ssh_lab: SshLab,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    planted: str,
+) -> None:
+    """Only the ``CCAT_*`` settings decide how a host is reached: the system, user and project
+    config files of Fabric and the user's ssh_config are not read (a ``.py`` one would run)."""
+    home, cwd, marker = tmp_path / "home", tmp_path / "cwd", tmp_path / "read-it"
+    cwd.mkdir()
+    path = {"~": home, ".": cwd}[planted[0]] / planted[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(PLANTED_CONFIGS[planted].replace("MARKER", str(marker)))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    write_tree(tmp_path / "src", {"a.dat": b"abc"})
+    (tmp_path / "buf").mkdir()
+    plan, dest = plan_for(
+        ssh_lab.a.endpoint(tmp_path / "src", "src"),
+        ssh_lab.a.endpoint(tmp_path / "buf", "buf"),
+        (("a.dat", 3),),
+    )
+    hosts = make_hosts()
+    assert_built_over_ssh(archive.assemble(hosts, plan, dest), ssh_lab.a, {"a.dat": b"abc"})
+    assert not marker.exists(), f"{planted} was read"
 
 
 def test_an_unreachable_host_is_retryable(

@@ -1,9 +1,9 @@
 """The packaging job end to end with its SOURCE location on an SSH host, hostile names included.
 
 The SSH settings reach the job the way a deployment sets them: ``CCAT_SSH_*`` environment
-variables bound with ``EnvVar`` in the code location. Names that are not UTF-8 cannot be filed
-in the operations database (``relative_path`` is text); they are covered at the runner level
-in ``test_ssh_assembly.py``.
+variables, read by the run's resources. Names that are not UTF-8 cannot be filed in the
+operations database (``relative_path`` is text); they are covered at the runner level in
+``test_ssh_assembly.py``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_verify_hashes_a_package_on_its_buffer_host_over_ssh(
         assert run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}").success
     with world.session() as s:
         [copy] = operations.recorded_copies(s, s.scalars(select(RawDataPackage)).one().name)
-    hosts = AssemblyHosts(key_filename=str(lab.client_key), known_hosts=str(lab.known_hosts))
+    hosts = AssemblyHosts()  # the settings of ssh_env
     try:
         assert hosts.runner_for(copy.location).via_ssh
         check = operations.check_copy(hosts, copy)

@@ -29,7 +29,7 @@ import posixpath
 import shlex
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,13 @@ _NETWORK_ERRORS = (OSError, paramiko.SSHException, EOFError)
 
 @dataclass(frozen=True)
 class SshSettings:
-    """How to reach remote hosts; see ``AssemblyHosts`` for what each field means, and
-    ``CCAT_STALL_SECONDS`` for ``stall_seconds``."""
+    """How to reach remote hosts; ``settings.py`` says what each field means (its
+    ``CCAT_SSH_*`` variables, and ``CCAT_STALL_SECONDS`` for ``stall_seconds``). The
+    passphrase is left out of the repr, which logs and tracebacks show."""
 
     stall_seconds: float
     key_filename: str | None = None
-    key_passphrase: str | None = None
+    key_passphrase: str | None = field(default=None, repr=False)
     known_hosts: str | None = None
     trust_unknown_hosts: bool = False
     connect_timeout: int = 15
@@ -204,7 +205,10 @@ class _Session:
             self.host,
             user=self.user,
             port=self.port,
-            config=Config(overrides={"load_ssh_configs": False}),
+            # Fabric's defaults and nothing else: ``lazy`` skips its system and user config
+            # files (/etc/fabric.*, ~/.fabric.*: a .py one is executed, and any could add a
+            # gateway, agent forwarding or keys), the empty SSHConfig any ssh_config file.
+            config=Config(lazy=True, ssh_config=paramiko.SSHConfig()),
             connect_timeout=settings.connect_timeout,
             connect_kwargs=connect_kwargs,
         )
