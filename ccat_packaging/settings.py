@@ -98,11 +98,8 @@ def ssh_known_hosts() -> str | None:
 def ssh_trust_unknown_hosts() -> bool:
     """``CCAT_SSH_TRUST_UNKNOWN_HOSTS``: accepting (and recording) keys of hosts not yet known
     is an explicit opt-in (``1``, ``true``, ``yes``); anything else refuses them."""
-    return os.environ.get("CCAT_SSH_TRUST_UNKNOWN_HOSTS", "").strip().lower() in (
-        "1",
-        "true",
-        "yes",
-    )
+    value = os.environ.get("CCAT_SSH_TRUST_UNKNOWN_HOSTS", "")
+    return value.strip().lower() in {"1", "true", "yes"}
 
 
 def ssh_connect_timeout_seconds() -> int:

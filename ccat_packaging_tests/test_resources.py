@@ -4,6 +4,7 @@ config can change or drop it, and no secret shows in a repr, the run's config, t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -16,6 +17,8 @@ from ccat_packaging.models import LocationType, RawDataPackage
 from ccat_packaging.names import job_name, partitions_name
 from ccat_packaging.plans import Endpoint
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase, ssh_settings
+from ccat_packaging_tests.package_checks import packages_of
+from ccat_packaging_tests.sshd import keygen
 
 PASSPHRASE = "pass-phrase-s3cret"
 DB_PASSWORD = "db-s3cret"
@@ -131,11 +134,25 @@ def test_no_repr_of_the_resources_or_settings_shows_a_secret(secret_env: None) -
         assert PASSPHRASE not in text and DB_PASSWORD not in text, text
 
 
+@pytest.mark.parametrize("source_at", ["this machine", "an SSH host, key not opened"])
 def test_a_run_keeps_every_secret_out_of_its_config_tags_and_events(
-    world, secret_env: None, caplog: pytest.LogCaptureFixture
+    world,
+    secret_env: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    source_at: str,
 ) -> None:
+    """A run that packages, and one that fails on a key its passphrase does not open: the
+    failure's message, the package's reason and everything the run stored or logged hold
+    neither the passphrase nor the database password."""
     site = world.site()
-    source = world.location(site, "src", LocationType.SOURCE)
+    if source_at == "this machine":
+        source = world.location(site, "src", LocationType.SOURCE)
+    else:
+        keygen(tmp_path / "locked", passphrase="another one")
+        monkeypatch.setenv("CCAT_SSH_KEY_FILE", str(tmp_path / "locked"))
+        source = world.location(site, "src", LocationType.SOURCE, host="127.0.0.9")
     world.location(site, "buf", LocationType.BUFFER)
     group = world.group(source)
     world.file_bytes(group, "frame.fits")
@@ -143,16 +160,19 @@ def test_a_run_keeps_every_secret_out_of_its_config_tags_and_events(
     caplog.set_level(logging.DEBUG)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(partitions_name("src"), [key])
-        result = (
-            defs()
-            .resolve_job_def(job_name("src"))
-            .execute_in_process(instance=instance, partition_key=key)
-        )
-        assert result.success
+        job = defs().resolve_job_def(job_name("src"))
+        result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
         run = instance.get_run_by_id(result.run_id)
         assert run is not None
         records = instance.all_logs(result.run_id)
         stored = [dg.serialize_value(run), *(dg.serialize_value(r) for r in records)]
-    assert len(records) > 20
-    for text in [*stored, caplog.text]:
+    [package] = packages_of(world)
+    if source_at == "this machine":
+        assert result.success
+    else:
+        assert not result.success
+        assert (package.failure_reason or "").startswith("ConfigurationError: ")
+        assert "cannot load the SSH key file" in (package.failure_reason or "")
+    assert len(records) > 10
+    for text in [*stored, caplog.text, package.failure_reason or ""]:
         assert DB_PASSWORD not in text and PASSPHRASE not in text
