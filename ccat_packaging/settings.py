@@ -73,9 +73,13 @@ def stale_after_seconds() -> int:
 
 def stall_seconds() -> int:
     """An assembly command that moves no bytes for this long fails as retryable and frees its
-    pool slot; kept below ``CCAT_STALE_AFTER_SECONDS``, so that the lease of a live run never
-    looks stale while it waits to notice a stall."""
-    return _int("CCAT_STALL_SECONDS", 300)
+    pool slot. Beats come every ``CCAT_STALE_AFTER_SECONDS / 4`` in which bytes moved, so
+    keep it below three quarters of that: then the lease of a live run never looks stale
+    while it waits to notice a stall."""
+    value = _int("CCAT_STALL_SECONDS", 300)
+    if value <= 0:
+        raise ValueError(f"CCAT_STALL_SECONDS must be a positive number of seconds, got {value}")
+    return value
 
 
 def partition_retention_days() -> int:

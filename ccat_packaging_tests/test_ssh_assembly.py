@@ -707,7 +707,7 @@ def test_a_byte_flipped_in_transit_fails_and_the_buffer_keeps_nothing(
         (("a.dat", 3 << 20), ("b.dat", 10)),
     )
     flipped = flip_one_bit_in_transit(monkeypatch)
-    with pytest.raises(ArchiveVerificationError) as info:
+    with pytest.raises(ArchiveVerificationError, match="the sender's checksum was") as info:
         archive.assemble(hosts, plan, dest)
     assert flipped, "no block passed through this worker: nothing was streamed"
     assert not info.value.retryable

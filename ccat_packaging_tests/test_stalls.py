@@ -358,6 +358,8 @@ def test_the_heartbeat_beats_while_bytes_move_and_stops_when_they_stop(
         with heartbeat(world.engine, package.package_id, 0.25, lambda: hosts.moved):
             worker, outcome = assemble_on_a_thread(hosts, plan, dest)
             assert eventually(lambda: updated_at() != LONG_AGO, 30), "no beat while building"
+            first_beat = updated_at()
+            assert eventually(lambda: updated_at() != first_beat, 10), "it beat only once"
             [pid] = agent_pids([ssh_lab.a], "build")
             os.kill(pid, signal.SIGSTOP)
             try:

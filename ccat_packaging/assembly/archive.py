@@ -137,6 +137,7 @@ def _stream(
         receiver.abort()
         raise
     if received["checksum"] != sent["checksum"] or received["size"] != sent["size"]:
+        destination.run("discard", tar_agent.DiscardSpec(temp_path=received["temp_path"]))
         raise ArchiveVerificationError(  # the receiver checks this too; a second look is cheap
             f"{describe(buffer)}: received {received['size']} bytes with checksum "
             f"{received['checksum']}, sent {sent['size']} with {sent['checksum']}"

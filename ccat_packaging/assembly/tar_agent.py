@@ -108,7 +108,7 @@ _ERRNO_KINDS = {
     errno.ESTALE: "storage",
     errno.ETIMEDOUT: "storage",
     errno.ENOLINK: "storage",
-    errno.EREMOTEIO: "storage",
+    getattr(errno, "EREMOTEIO", errno.EIO): "storage",  # Linux's; remote hosts may be other
     errno.EPIPE: "interrupted",
     errno.ECONNRESET: "interrupted",
 }
@@ -396,6 +396,7 @@ def publish(spec: PublishSpec, progress: Progress) -> PublishResult:
     except FileExistsError:
         _check_identical(final, spec, progress)
         _remove(temp_path)
+        _fsync_directory(os.path.dirname(final))  # the attempt that linked it may have died
         return {"path": final, "adopted": True}
     except FileNotFoundError:
         if not os.path.lexists(final):  # the temporary archive went missing
@@ -403,7 +404,17 @@ def publish(spec: PublishSpec, progress: Progress) -> PublishResult:
                 "verification", f"the temporary archive {temp_path} is gone; nothing published"
             ) from None
         _check_identical(final, spec, progress)  # this step ran before and published it
+        _fsync_directory(os.path.dirname(final))
         return {"path": final, "adopted": True}
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise AgentError(
+                "config",
+                f"cannot give {final} its name with link(2): {_explain(exc)}; buffers need a "
+                "file system with hard links (publishing never replaces a file, which rename "
+                "would)",
+            ) from None
+        raise
     _remove(temp_path)
     _fsync_directory(os.path.dirname(final))
     return {"path": final, "adopted": False}
@@ -529,13 +540,13 @@ class _Report:
         threading.Thread(target=report, daemon=True).start()
 
     def last(self, result: dict[str, Any]) -> None:
-        self._line(result)
-        self._done = True
+        self._line(result, last=True)
 
-    def _line(self, value: dict[str, Any]) -> None:
-        with self._lock:
+    def _line(self, value: dict[str, Any], last: bool = False) -> None:
+        with self._lock:  # the result and the end of progress lines in one step
             if self._done:
                 return
+            self._done = last
             try:
                 self._stream.write(json.dumps(value) + "\n")
                 self._stream.flush()
@@ -663,7 +674,7 @@ def _check_kind(relative: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise AgentError("unsafe_path", f"source file {relative!r} is a symlink")
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a plain file")
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "of an unknown kind")
         raise AgentError(
             "source_file", f"source file {relative!r} is not a regular file but {kind}"
         )
@@ -879,7 +890,8 @@ def _check_identical(final: str, spec: PublishSpec, progress: Progress) -> None:
     st = os.lstat(final)
     advice = "it was left untouched; move it away if it is not needed, then requeue"
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a symlink")
+        kinds = (*_KINDS, (stat.S_ISLNK, "a symlink"))
+        kind = next((name for test, name in kinds if test(st.st_mode)), "of an unknown kind")
         raise AgentError("exists", f"{final} is already there and is {kind}; {advice}")
     if (
         st.st_size == int(spec["size"])
