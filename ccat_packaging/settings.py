@@ -36,6 +36,12 @@ def run_queues() -> str:
     return os.environ.get("CCAT_RUN_QUEUES", "")
 
 
+def allowed_roots() -> str:
+    """``CCAT_ALLOWED_ROOTS``: the roots each host may be read and written under
+    (parsed and checked by ``allowed_roots``); empty confines nothing."""
+    return os.environ.get("CCAT_ALLOWED_ROOTS", "")
+
+
 def sensor_interval_seconds() -> int:
     """Minimum gap between two ticks of a location sensor."""
     return _int("CCAT_SENSOR_INTERVAL_SECONDS", 60)
