@@ -98,3 +98,19 @@ def run_retention_days() -> int:
     """Finished packaging runs older than this are deleted from the Dagster instance, with
     their event logs; 0 keeps them forever."""
     return _int("CCAT_RUN_RETENTION_DAYS", 90)
+
+
+def archive_mode() -> int | None:
+    """``CCAT_ARCHIVE_MODE``: the permission bits (octal, e.g. ``0440``) of published archives;
+    unset, they get what the umask of the agent on the buffer's host leaves of 0666, as any
+    file it creates would."""
+    raw = os.environ.get("CCAT_ARCHIVE_MODE", "")
+    if raw == "":
+        return None
+    try:
+        mode = int(raw, 8)
+    except ValueError:
+        raise ValueError(f"CCAT_ARCHIVE_MODE must be octal permission bits, got {raw!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"CCAT_ARCHIVE_MODE must be permission bits (0 to 0777), got {raw!r}")
+    return mode
