@@ -74,12 +74,14 @@ def assemble_at_first_usable_buffer(
     problems: list[str] = []
     unreachable: HostUnreachableError | None = None
     reserved = False
+    unwritable = 0
     for buffer in buffers:
         try:
             return archive.assemble(hosts, plan, buffer)
         except (InsufficientSpaceError, LocationNotWritableError, SpaceReservedError) as exc:
             problems.append(f"{buffer.location_name}: {exc}")
             reserved = reserved or isinstance(exc, SpaceReservedError)
+            unwritable += isinstance(exc, LocationNotWritableError)
         except HostUnreachableError as exc:
             if exc.host != buffer.host or buffer.host == plan.source.host:
                 raise
@@ -97,4 +99,6 @@ def assemble_at_first_usable_buffer(
         raise HostUnreachableError(
             f"no active buffer can take the package now: {summary}", host=unreachable.host
         )
+    if unwritable == len(problems):  # freeing space would not help
+        raise LocationNotWritableError(f"no active buffer takes writes: {summary}")
     raise InsufficientSpaceError(f"no active buffer can take the package: {summary}")

@@ -3,45 +3,58 @@ and its schedule; resources."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
-from ccat_packaging import settings
+from ccat_packaging import location_cache, settings
 from ccat_packaging.db import failure, make_engine, session_scope
-from ccat_packaging.discovery import SourceLocationRef, source_locations
+from ccat_packaging.discovery import SourceLocationRef, sensor_name_clashes, source_locations
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.jobs import build_package_job
 from ccat_packaging.maintenance import packaging_retention, packaging_retention_daily
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
-from ccat_packaging.sensors import build_source_location_sensor
+from ccat_packaging.sensors import build_clash_sensor, build_source_location_sensor
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+LOG = logging.getLogger(__name__)
 
 
 def load_source_locations(url: str) -> list[SourceLocationRef]:
-    """Read once per code-location load; a new location needs a reload to get its sensor."""
+    """Read once per code-location load; a new location needs a reload to get its sensor.
+    With the database down, the locations of the last load (``location_cache``)."""
     engine = make_engine(url)
     try:
         with session_scope(engine) as session:
-            return source_locations(session)
+            locations = source_locations(session)
     except SQLAlchemyError as exc:
-        raise ConfigurationError(
-            f"cannot read SOURCE locations from the operations database {failure(url, exc)}"
-        ) from exc
+        cached = location_cache.load()
+        problem = f"cannot read SOURCE locations from the operations database {failure(url, exc)}"
+        if cached is None:
+            raise ConfigurationError(problem) from exc
+        LOG.warning(f"{problem}; loading the {len(cached)} locations of the last load")
+        return cached
     finally:
         engine.dispose()
+    location_cache.save(locations)
+    return locations
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
     locations = load_source_locations(settings.ops_db_url())
-    jobs = {location.slug: build_package_job(location) for location in locations}
+    clashes = sensor_name_clashes(locations)
+    usable = [loc for loc in locations if loc.slug not in clashes]
+    jobs = {location.slug: build_package_job(location) for location in usable}
     return dg.Definitions(
         jobs=[*jobs.values(), packaging_retention],
         schedules=[packaging_retention_daily],
-        sensors=[build_source_location_sensor(loc, jobs[loc.slug]) for loc in locations],
+        sensors=[
+            *(build_source_location_sensor(loc, jobs[loc.slug]) for loc in usable),
+            *(build_clash_sensor(slug, names) for slug, names in clashes.items()),
+        ],
         resources={"ops_db": OpsDatabase(), "assembly_hosts": AssemblyHosts()},
     )

@@ -78,7 +78,8 @@ class FileGroup:
 
 
 def source_locations(session: Session) -> list[SourceLocationRef]:
-    """Active SOURCE disk locations, one sensor each; slugs must not collide."""
+    """Active SOURCE disk locations, by id: one sensor each, unless ``sensor_name_clashes``
+    finds two of them under one name."""
     rows = session.scalars(
         select(DiskDataLocation)
         .where(
@@ -100,7 +101,7 @@ def source_locations(session: Session) -> list[SourceLocationRef]:
                 )
             ),
         )
-    refs = [
+    return [
         SourceLocationRef(
             r.id,
             r.name,
@@ -110,26 +111,37 @@ def source_locations(session: Session) -> list[SourceLocationRef]:
         )
         for r in rows
     ]
-    seen: dict[str, str] = {}
-    for ref in refs:
-        if ref.slug in seen:
-            raise ConfigurationError(
-                f"SOURCE locations {seen[ref.slug]!r} and {ref.name!r} map to the same "
-                f"sensor name {ref.slug!r}; rename one of them"
-            )
-        seen[ref.slug] = ref.name
-    return refs
+
+
+def sensor_name_clashes(locations: list[SourceLocationRef]) -> dict[str, list[str]]:
+    """Slugs that more than one location maps to, with their names: such locations get no
+    sensor or job, since neither sensor names nor group keys could tell their files apart."""
+    by_slug: dict[str, list[str]] = {}
+    for ref in locations:
+        by_slug.setdefault(ref.slug, []).append(ref.name)
+    return {slug: names for slug, names in by_slug.items() if len(names) > 1}
 
 
 def source_location_for(session: Session, key: GroupKey) -> DiskDataLocation:
-    """The SOURCE disk location a group key names (active or not: old groups stay packable)."""
+    """The one SOURCE disk location a group key names: the active one, else the one inactive
+    one (old groups stay packable); several of either kind is a configuration error, never a
+    guess."""
     candidates = session.scalars(
-        select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
+        select(DataLocation)
+        .where(DataLocation.location_type == LocationType.SOURCE)
+        .order_by(DataLocation.id)
     ).all()
     matches = [loc for loc in candidates if location_slug(loc.name) == key.location_slug]
-    if not matches:
+    active = [loc for loc in matches if loc.active]
+    chosen = active or matches
+    if not chosen:
         raise ConfigurationError(f"no SOURCE location matches group key {key}")
-    location = matches[0]
+    if len(chosen) > 1:
+        names = ", ".join(repr(loc.name) for loc in chosen)
+        raise ConfigurationError(
+            f"group key {key} could mean SOURCE locations {names}; rename all but one"
+        )
+    [location] = chosen
     if not isinstance(location, DiskDataLocation):
         raise ConfigurationError(
             f"SOURCE location {location.name!r} has storage type {location.storage_type}; "

@@ -10,7 +10,7 @@ from pydantic import PrivateAttr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from ccat_packaging import settings
+from ccat_packaging import allowed_roots, settings
 from ccat_packaging.assembly.hosts import HostRunner, LocalRunner, Meter, is_same_host
 from ccat_packaging.assembly.ssh import SshHosts, SshSettings
 from ccat_packaging.db import make_engine, session_scope
@@ -71,6 +71,7 @@ class AssemblyHosts(dg.ConfigurableResource):
             self._ssh = None
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
+        allowed_roots.check(endpoint)
         if is_same_host(endpoint.host):
             return LocalRunner(self, endpoint, self._meter, settings.stall_seconds())
         if self._ssh is None:

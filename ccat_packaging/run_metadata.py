@@ -29,8 +29,8 @@ def planned(plan: PackagePlan) -> Metadata:
 
 def where(plan: PackagePlan, archive: AssembledArchive) -> Metadata:
     """Which package, and the hosts and the buffer it actually went between. Hosts are named
-    as the operations database names them (the archive is always written on the source's
-    host); ``run_worker`` is the machine whose process ran the step."""
+    as the operations database names them (the archive is built on the source's host and
+    written on the buffer's); ``run_worker`` is the machine whose process ran the step."""
     return {
         "package": plan.name,
         "source_location": plan.source.location_name,

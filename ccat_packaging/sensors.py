@@ -15,7 +15,7 @@ from ccat_packaging.discovery import (
     packages_needing_a_run,
     plan_tick,
 )
-from ccat_packaging.errors import DatabaseUnavailableError
+from ccat_packaging.errors import ConfigurationError, DatabaseUnavailableError
 from ccat_packaging.models import DataLocation
 from ccat_packaging.registration import stale_cutoff
 from ccat_packaging.resources import OpsDatabase
@@ -140,3 +140,25 @@ def build_source_location_sensor(
         )
 
     return _sensor
+
+
+def build_clash_sensor(slug: str, locations: list[str]) -> dg.SensorDefinition:
+    """Stands where the sensor of two SOURCE locations with one name would be: every tick
+    fails naming them, so the UI says what to fix, while every other location's sensor and
+    job load as usual."""
+    problem = (
+        f"SOURCE locations {', '.join(map(repr, locations))} map to the same sensor name "
+        f"{slug!r}: none of them is packaged until all but one are renamed (then reload the "
+        "code location)"
+    )
+
+    @dg.sensor(
+        name=names.sensor_name(slug),
+        minimum_interval_seconds=settings.sensor_interval_seconds(),
+        description=problem,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def _clash(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        raise ConfigurationError(problem)
+
+    return _clash

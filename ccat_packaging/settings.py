@@ -36,6 +36,12 @@ def run_queues() -> str:
     return os.environ.get("CCAT_RUN_QUEUES", "")
 
 
+def allowed_roots() -> str:
+    """``CCAT_ALLOWED_ROOTS``: the roots each host may be read and written under
+    (parsed and checked by ``allowed_roots``); empty confines nothing."""
+    return os.environ.get("CCAT_ALLOWED_ROOTS", "")
+
+
 def sensor_interval_seconds() -> int:
     """Minimum gap between two ticks of a location sensor."""
     return _int("CCAT_SENSOR_INTERVAL_SECONDS", 60)
@@ -73,9 +79,13 @@ def stale_after_seconds() -> int:
 
 def stall_seconds() -> int:
     """An assembly command that moves no bytes for this long fails as retryable and frees its
-    pool slot; kept below ``CCAT_STALE_AFTER_SECONDS``, so that the lease of a live run never
-    looks stale while it waits to notice a stall."""
-    return _int("CCAT_STALL_SECONDS", 300)
+    pool slot. Beats come every ``CCAT_STALE_AFTER_SECONDS / 4`` in which bytes moved, so
+    keep it below three quarters of that: then the lease of a live run never looks stale
+    while it waits to notice a stall."""
+    value = _int("CCAT_STALL_SECONDS", 300)
+    if value <= 0:
+        raise ValueError(f"CCAT_STALL_SECONDS must be a positive number of seconds, got {value}")
+    return value
 
 
 def ssh_key_file() -> str | None:
@@ -129,3 +139,19 @@ def run_retention_days() -> int:
     """Finished packaging runs older than this are deleted from the Dagster instance, with
     their event logs; 0 keeps them forever."""
     return _int("CCAT_RUN_RETENTION_DAYS", 90)
+
+
+def archive_mode() -> int | None:
+    """``CCAT_ARCHIVE_MODE``: the permission bits (octal, e.g. ``0440``) of published archives;
+    unset, they get what the umask of the agent on the buffer's host leaves of 0666, as any
+    file it creates would."""
+    raw = os.environ.get("CCAT_ARCHIVE_MODE", "")
+    if raw == "":
+        return None
+    try:
+        mode = int(raw, 8)
+    except ValueError:
+        raise ValueError(f"CCAT_ARCHIVE_MODE must be octal permission bits, got {raw!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"CCAT_ARCHIVE_MODE must be permission bits (0 to 0777), got {raw!r}")
+    return mode

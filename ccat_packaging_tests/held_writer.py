@@ -6,7 +6,8 @@ small package into a tmpfs takes milliseconds, too short to race reliably).
 ``tar_agent.py COMMAND SPEC`` does; ``... HOLD_DIR run DAGSTER_HOME KEY`` runs one packaging run
 as ``run_partition_process`` does. Either way the archive's first member is written (its space
 is reserved by then), then the process creates ``HOLD_DIR/held`` and goes on once
-``HOLD_DIR/go`` exists, or after ``HOLD_SECONDS``. Nothing else differs from the real thing.
+``HOLD_DIR/go`` exists, or after ``HOLD_SECONDS``. The agent's own code does the rest; unlike a
+remote one it runs with the project on ``sys.path`` (not ``-I -S``), to be patched here.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,15 +43,12 @@ def make_hosts(ssh_lab: SshLab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mak
     settings are the environment's (for the rest of the test), read at the first SSH use."""
     made: list[AssemblyHosts] = []
 
-    def make(
-        key_filename: str | None = None,
-        known_hosts: str | None = None,
-        trust_unknown_hosts: bool = False,
-    ) -> AssemblyHosts:
-        for name, value in ssh_lab.environment(
-            key_filename, known_hosts, trust_unknown_hosts
-        ).items():
-            monkeypatch.setenv(name, value)
+    def make(**settings: Any) -> AssemblyHosts:
+        for name, value in ssh_lab.environment(**settings).items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
         made.append(AssemblyHosts())
         return made[-1]
 

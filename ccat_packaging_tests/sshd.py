@@ -23,6 +23,9 @@ from ccat_packaging.resources import AssemblyHosts
 
 SSHD = "/usr/sbin/sshd"
 
+# For a file argument of ``SshLab.environment``: the lab's own.
+LAB = "the lab's"
+
 CONFIG = """\
 Port {port}
 ListenAddress {address}
@@ -166,17 +169,20 @@ class SshLab:
 
     def environment(
         self,
-        key_filename: str | None = None,
-        known_hosts: str | None = None,
+        key_filename: str = LAB,
+        known_hosts: str | None = LAB,
         trust_unknown_hosts: bool = False,
-    ) -> dict[str, str]:
-        """The ``CCAT_SSH_*`` settings that reach the lab: its key and known-hosts file unless
-        others are given, as a deployment sets them."""
+        remote_dir: str | None = None,
+    ) -> dict[str, str | None]:
+        """The ``CCAT_SSH_*`` settings that reach the lab, as a deployment sets them: its key
+        and known-hosts file unless others are given; None leaves a variable unset, so that
+        its default applies."""
         return {
-            "CCAT_SSH_KEY_FILE": key_filename or str(self.client_key),
-            "CCAT_SSH_KNOWN_HOSTS": known_hosts or str(self.known_hosts),
+            "CCAT_SSH_KEY_FILE": str(self.client_key) if key_filename == LAB else key_filename,
+            "CCAT_SSH_KNOWN_HOSTS": str(self.known_hosts) if known_hosts == LAB else known_hosts,
             "CCAT_SSH_TRUST_UNKNOWN_HOSTS": "1" if trust_unknown_hosts else "0",
             "CCAT_SSH_CONNECT_TIMEOUT_SECONDS": "5",
+            "CCAT_SSH_REMOTE_DIR": remote_dir,
         }
 
 

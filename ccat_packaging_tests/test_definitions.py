@@ -6,8 +6,9 @@ import dagster as dg
 import pytest
 
 from ccat_packaging.definitions import defs
-from ccat_packaging.errors import ConfigurationError
+from ccat_packaging.errors import ConfigurationError, DatabaseUnavailableError
 from ccat_packaging.models import LocationType
+from ccat_packaging.resources import OpsDatabase
 
 
 def test_definitions_load_with_one_sensor_per_active_source_location(world) -> None:
@@ -50,10 +51,59 @@ def test_the_resources_have_no_config_for_the_ui_to_show(world) -> None:
     assert "postgresql" not in repr(resources)
 
 
-def test_an_unreachable_database_is_a_clear_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_database_is_a_clear_load_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setenv(
+        "DAGSTER_HOME", str(tmp_path)
+    )  # never loaded before: nothing to fall back on
     monkeypatch.setenv(
         "CCAT_OPS_DB_URL", "postgresql+psycopg2://postgres:s3cret@127.0.0.1:1/nowhere"
     )
     with pytest.raises(ConfigurationError, match="cannot read SOURCE locations") as info:
         defs()
     assert "s3cret" not in str(info.value)
+
+
+def test_a_database_outage_at_load_keeps_the_sensors_of_the_last_load(
+    world, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    site = world.site()
+    world.location(site, "primecam_raw", LocationType.SOURCE)
+    world.location(site, "ccat_buffer", LocationType.BUFFER)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    defs()  # the database up: its locations are kept beside the instance
+    down = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
+    monkeypatch.setenv("CCAT_OPS_DB_URL", down)
+    definitions = defs()
+    assert [s.name for s in definitions.sensors or []] == ["package_primecam_raw_sensor"]
+    sensor = definitions.resolve_sensor_def("package_primecam_raw_sensor")
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance, resources={"ops_db": OpsDatabase()}) as context,
+        pytest.raises(DatabaseUnavailableError, match="the next tick tries again"),
+    ):
+        sensor(context)  # its ticks fail visibly until the database answers again
+
+
+def test_locations_under_one_sensor_name_unload_only_their_own_sensor(world) -> None:
+    site = world.site()
+    world.location(site, "prime-cam", LocationType.SOURCE)
+    world.location(site, "prime_cam", LocationType.SOURCE)
+    world.location(site, "chai_raw", LocationType.SOURCE)
+    world.location(site, "ccat_buffer", LocationType.BUFFER)
+    definitions = defs()
+    dg.Definitions.validate_loadable(definitions)
+    assert sorted(s.name for s in definitions.sensors or []) == [
+        "package_chai_raw_sensor",
+        "package_prime_cam_sensor",
+    ]
+    assert "package_prime_cam" not in {j.name for j in definitions.resolve_all_job_defs()}
+    clash = definitions.resolve_sensor_def("package_prime_cam_sensor")
+    assert clash.default_status == dg.DefaultSensorStatus.RUNNING
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance) as context,
+        pytest.raises(ConfigurationError, match="'prime-cam', 'prime_cam' map to the same"),
+    ):
+        clash(context)

@@ -12,6 +12,8 @@ from ccat_packaging.discovery import (
     SensorCursor,
     location_slug,
     plan_tick,
+    sensor_name_clashes,
+    source_location_for,
     source_locations,
 )
 from ccat_packaging.errors import ConfigurationError
@@ -35,7 +37,7 @@ def test_location_slug_is_a_valid_dagster_name() -> None:
         location_slug("---")
 
 
-def test_source_locations_refuse_colliding_sensor_names(world) -> None:
+def test_locations_under_one_sensor_name_are_found_as_a_clash(world) -> None:
     site = world.site()
     world.location(site, "prime-cam", SOURCE)
     world.location(site, "inactive", SOURCE, active=False)
@@ -43,8 +45,25 @@ def test_source_locations_refuse_colliding_sensor_names(world) -> None:
     with world.session() as s:
         assert [r.name for r in source_locations(s)] == ["prime-cam"]
     world.location(site, "prime_cam", SOURCE)
-    with world.session() as s, pytest.raises(ConfigurationError, match="same sensor name"):
-        source_locations(s)
+    world.location(site, "chai", SOURCE)
+    with world.session() as s:
+        found = source_locations(s)
+    assert [r.name for r in found] == ["prime-cam", "prime_cam", "chai"]
+    assert sensor_name_clashes(found) == {"prime_cam": ["prime-cam", "prime_cam"]}
+
+
+def test_the_location_of_a_group_is_the_active_one_and_never_a_guess(world) -> None:
+    site = world.site()
+    old = world.location(site, "prime cam", SOURCE, active=False)
+    key = GroupKey("prime_cam", 1, 1)
+    with world.session() as s:
+        assert source_location_for(s, key).id == old  # old groups stay packable
+    new = world.location(site, "prime-cam", SOURCE)
+    with world.session() as s:
+        assert source_location_for(s, key).id == new  # the active one, whatever the ids
+    world.location(site, "prime_cam", SOURCE)
+    with world.session() as s, pytest.raises(ConfigurationError, match="could mean SOURCE"):
+        source_location_for(s, key)
 
 
 def _file_at(world, group, path: str, filed_at: datetime) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,19 @@ def test_job_builds_a_tar_of_exactly_the_group_with_an_independent_sha256(any_wo
     assert [m.partition_key for m in materializations] == [key]
     built = result.output_for_node("checksum")[f"part{package.part:03d}"]
     assert built.archive.checksum == package.checksum
+
+
+def test_ccat_archive_mode_is_the_published_archive_s_mode(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The setting is read by the worker and carried to the buffer's agent in the publish
+    spec; the default (the umask) is the agent's own test."""
+    group, buf, _ = _setup(world)
+    monkeypatch.setenv("CCAT_ARCHIVE_MODE", "0440")
+    with dg.instance_for_test() as instance:
+        assert run_partition(instance, f"src__eou{group.eou_id}__mod{group.module_id}").success
+    [package] = _packages(world)
+    assert stat.S_IMODE((world.root(buf) / package.relative_path).stat().st_mode) == 0o440
 
 
 def test_rerunning_a_packaged_group_changes_nothing(world) -> None:

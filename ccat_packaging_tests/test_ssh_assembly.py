@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import subprocess
 import tarfile
 import threading
@@ -387,8 +388,201 @@ def test_trusting_unknown_hosts_is_an_opt_in_that_records_the_key(
     [line] = known_hosts.read_text().splitlines()
     assert line.split()[1:] == ssh_lab.a.host_public_key.split()[:2]
     assert line.split()[0] == f"[{ssh_lab.a.address}]:{ssh_lab.a.port}"
+    assert stat.S_IMODE(known_hosts.stat().st_mode) == 0o600
     hosts = make_hosts(known_hosts=str(known_hosts))  # now a known host, trusted or not
     assert_built_over_ssh(archive.assemble(hosts, plan, dest), ssh_lab.a, {"a.dat": b"abc"})
+
+
+def small_package(server: SshServer, root: Path) -> tuple[PackagePlan, Endpoint]:
+    """A one-file package of ``root``/src built on ``server`` into ``root``/buf."""
+    (root / "buf").mkdir(exist_ok=True)
+    write_tree(root / "src", {"a.dat": b"abc"})
+    return plan_for(
+        server.endpoint(root / "src", "src"), server.endpoint(root / "buf", "buf"), (("a.dat", 3),)
+    )
+
+
+def test_a_recorded_host_key_is_used_by_later_runs_and_a_changed_one_refused(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    public = ssh_lab.client_key.with_suffix(".pub").read_text()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("# kept as it is\n" + ssh_lab.b.known_hosts_line)  # no newline
+
+    def assemble(server: SshServer, trust: bool) -> AssembledArchive:
+        hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=trust)
+        try:
+            return archive.assemble(hosts, *small_package(server, tmp_path / server.directory.name))
+        finally:
+            hosts.close()
+
+    with running_sshd("127.0.0.6", tmp_path / "first", [public]) as first:
+        assert_built_over_ssh(assemble(first, trust=True), first, {"a.dat": b"abc"})
+        recorded = known_hosts.read_text()
+        assert recorded.splitlines() == [
+            "# kept as it is",
+            ssh_lab.b.known_hosts_line,
+            " ".join(first.known_hosts_line.split()[:3]),
+        ]
+        assert stat.S_IMODE(known_hosts.stat().st_mode) == 0o600
+        assert_built_over_ssh(assemble(first, trust=False), first, {"a.dat": b"abc"})
+    # The same address and port, another host key: what a machine in the middle would offer.
+    with running_sshd("127.0.0.6", tmp_path / "second", [public], port=first.port) as second:
+        for trust in (True, False):
+            with pytest.raises(HostKeyError, match="but the known hosts file has"):
+                assemble(second, trust)
+    assert known_hosts.read_text() == recorded
+
+
+def test_trusting_unknown_hosts_without_a_known_hosts_file_records_keys_in_the_default_one(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    plan, dest = small_package(ssh_lab.a, tmp_path)
+    with pytest.raises(ConfigurationError, match="known_hosts does not exist"):
+        archive.assemble(make_hosts(known_hosts=None), plan, dest)
+    hosts = make_hosts(known_hosts=None, trust_unknown_hosts=True)
+    assert_built_over_ssh(archive.assemble(hosts, plan, dest), ssh_lab.a, {"a.dat": b"abc"})
+    known_hosts = tmp_path / "home/.ssh/known_hosts"
+    assert known_hosts.read_text().split() == ssh_lab.a.known_hosts_line.split()[:3]
+    assert stat.S_IMODE(known_hosts.stat().st_mode) == 0o600
+    assert stat.S_IMODE(known_hosts.parent.stat().st_mode) == 0o700
+    hosts = make_hosts(known_hosts=None)  # the next run, not trusting: the key is pinned
+    assert_built_over_ssh(archive.assemble(hosts, plan, dest), ssh_lab.a, {"a.dat": b"abc"})
+
+
+@pytest.mark.parametrize(
+    "weakness", ["world-writable", "group-writable", "other owner", "shared directory"]
+)
+def test_a_known_hosts_file_others_can_change_is_refused(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path, weakness: str
+) -> None:
+    """Whoever can write the file can add their own key for any host, and be trusted."""
+    directory = tmp_path / "ssh"
+    directory.mkdir(mode=0o700)
+    known_hosts = directory / "known_hosts"
+    known_hosts.write_text(f"{ssh_lab.a.known_hosts_line}\n")
+    known_hosts.chmod(0o600)
+    offender, problem = known_hosts, r"its group or others can write it \(mode 0666"
+    if weakness == "world-writable":
+        known_hosts.chmod(0o666)
+    elif weakness == "group-writable":
+        known_hosts.chmod(0o620)
+        problem = r"its group or others can write it \(mode 0620"
+    elif weakness == "other owner":
+        os.chown(known_hosts, 12345, 12345)
+        problem = r"it is owned by another user \(mode 0600, owner uid 12345\)"
+    else:  # anyone can replace the file with one of theirs
+        directory.chmod(0o777)
+        offender, problem = directory, r"its group or others can write it \(mode 0777"
+    plan, dest = small_package(ssh_lab.a, tmp_path)
+    for trust in (False, True):
+        hosts = make_hosts(known_hosts=str(known_hosts), trust_unknown_hosts=trust)
+        with pytest.raises(
+            ConfigurationError,
+            match=rf"the known hosts file {known_hosts} could be changed by others "
+            rf"\({offender}: {problem}",
+        ) as info:
+            archive.assemble(hosts, plan, dest)
+        assert not info.value.retryable
+    assert leftovers(tmp_path / "buf") == []
+
+
+def planted_agent(directory: Path, marker: Path) -> Path:
+    """A file under the name this version's agent has, which creates ``marker`` if it runs."""
+    digest = hashlib.sha256(Path(tar_agent.__file__).read_bytes()).hexdigest()
+    path = directory / f"tar_agent-{digest[:16]}.py"
+    path.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    path.chmod(0o644)
+    return path
+
+
+def test_a_planted_agent_file_is_replaced_not_run(
+    make_hosts: MakeHosts,
+    ssh_lab: SshLab,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agents, marker = tmp_path / "agents", tmp_path / "PLANTED_RAN"
+    agents.mkdir(mode=0o700)
+    planted = planted_agent(agents, marker)
+    hosts = make_hosts(remote_dir=str(agents))
+    with caplog.at_level(logging.WARNING, logger="ccat_packaging.assembly.ssh"):
+        built = archive.assemble(hosts, *small_package(ssh_lab.a, tmp_path))
+    assert_built_over_ssh(built, ssh_lab.a, {"a.dat": b"abc"})
+    assert not marker.exists()
+    assert planted.read_bytes() == Path(tar_agent.__file__).read_bytes()
+    assert [p.name for p in agents.iterdir()] == [planted.name]  # no partial upload left
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"location 'src' on 127.0.0.2: {planted} was not the tar agent (sha256 " in warning
+    assert warning.endswith("; replaced it")
+
+
+def test_an_agent_file_changed_after_its_upload_is_not_run(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    """The content is checked on the host by what runs it, at every command, not once."""
+    agents, marker = tmp_path / "agents", tmp_path / "PLANTED_RAN"
+    agents.mkdir(mode=0o700)
+    hosts = make_hosts(remote_dir=str(agents))
+    plan, dest = small_package(ssh_lab.a, tmp_path)
+    archive.discard(hosts, archive.assemble(hosts, plan, dest))  # uploads the agent
+    planted = planted_agent(agents, marker)  # while the connection still knows it as ours
+    with pytest.raises(
+        PackagingError, match=r"is not the tar agent of sha256 [0-9a-f]{64}"
+    ) as info:
+        archive.assemble(hosts, plan, dest)
+    assert f"{planted} is not the tar agent" in str(info.value)
+    assert "(changed since its upload); not run" in str(info.value)
+    assert not marker.exists() and leftovers(tmp_path / "buf") == []
+
+
+@pytest.mark.parametrize("weakness", ["world-writable", "group-writable parent", "other owner"])
+def test_an_agent_directory_others_can_change_is_refused(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path, weakness: str
+) -> None:
+    """Whoever can write there can put their code under the agent's name, to run as us."""
+    agents, marker = tmp_path / "shared/agents", tmp_path / "PLANTED_RAN"
+    agents.mkdir(parents=True, mode=0o700)
+    planted = planted_agent(agents, marker)
+    offender, problem = agents, r"its group or others can write it \(mode 0777, owner uid 0\)"
+    if weakness == "world-writable":
+        agents.chmod(0o777)
+    elif weakness == "group-writable parent":
+        agents.parent.chmod(0o775)
+        offender, problem = agents.parent, r"its group or others can write it \(mode 0775"
+    else:
+        os.chown(agents, 12345, 12345)
+        problem = r"it is owned by another user \(mode 0700, owner uid 12345\)"
+    hosts = make_hosts(remote_dir=str(agents))
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"the agent directory {agents} could be changed by others than root "
+        rf"\({offender}: {problem}.*refusing to run the agent from there",
+    ) as info:
+        archive.assemble(hosts, *small_package(ssh_lab.a, tmp_path))
+    assert not info.value.retryable
+    assert not marker.exists() and [p.name for p in agents.iterdir()] == [planted.name]
+
+
+def test_an_agent_already_on_the_host_is_reused_without_uploading_it_again(
+    make_hosts: MakeHosts, ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    agents = tmp_path / "agents"
+    plan, dest = small_package(ssh_lab.a, tmp_path)
+    first = make_hosts(remote_dir=str(agents))
+    archive.discard(first, archive.assemble(first, plan, dest))
+    first.close()
+    [agent] = agents.iterdir()
+    uploaded = agent.stat()
+    assert stat.S_IMODE(agents.stat().st_mode) == 0o700
+    built = archive.assemble(make_hosts(remote_dir=str(agents)), plan, dest)
+    assert_built_over_ssh(built, ssh_lab.a, {"a.dat": b"abc"})
+    assert list(agents.iterdir()) == [agent]
+    assert (agent.stat().st_ino, agent.stat().st_mtime_ns) == (
+        uploaded.st_ino,
+        uploaded.st_mtime_ns,
+    )
 
 
 def test_a_key_the_host_does_not_accept_is_an_authentication_error(
@@ -750,7 +944,7 @@ def test_a_byte_flipped_in_transit_fails_and_the_buffer_keeps_nothing(
         (("a.dat", 3 << 20), ("b.dat", 10)),
     )
     flipped = flip_one_bit_in_transit(monkeypatch)
-    with pytest.raises(ArchiveVerificationError) as info:
+    with pytest.raises(ArchiveVerificationError, match="the sender's checksum was") as info:
         archive.assemble(hosts, plan, dest)
     assert flipped, "no block passed through this worker: nothing was streamed"
     assert not info.value.retryable

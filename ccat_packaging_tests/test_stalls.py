@@ -61,17 +61,17 @@ CHANNEL_CLOSED = "the channel was closed, which stops the agent"
 
 
 def agent_pids(servers: list[SshServer], command: str | None = None) -> list[int]:
-    """The uploaded agents (``python3 -I -S AGENT COMMAND - ...``) that the sshd of one of
-    ``servers`` started, running ``command`` or any: other tests on this machine may run
-    agents of their own at the same time."""
+    """The uploaded agents (``python3 -I -S -c BOOTSTRAP SHA256 AGENT COMMAND - ...``) that
+    the sshd of one of ``servers`` started, running ``command`` or any: other tests on this
+    machine may run agents of their own at the same time."""
     roots = {server.process.pid for server in servers}
     found = []
     for entry in os.listdir("/proc"):
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if len(argv) < 5 or b"tar_agent-" not in argv[3]:
+            if len(argv) < 8 or b"tar_agent-" not in argv[6]:
                 continue
-            running = command is None or argv[4] == command.encode()
+            running = command is None or argv[7] == command.encode()
             if running and roots & _ancestors(int(entry)):
                 found.append(int(entry))
         except OSError:
@@ -358,6 +358,8 @@ def test_the_heartbeat_beats_while_bytes_move_and_stops_when_they_stop(
         with heartbeat(world.engine, package.package_id, 0.25, lambda: hosts.moved):
             worker, outcome = assemble_on_a_thread(hosts, plan, dest)
             assert eventually(lambda: updated_at() != LONG_AGO, 30), "no beat while building"
+            first_beat = updated_at()
+            assert eventually(lambda: updated_at() != first_beat, 10), "it beat only once"
             [pid] = agent_pids([ssh_lab.a], "build")
             os.kill(pid, signal.SIGSTOP)
             try:

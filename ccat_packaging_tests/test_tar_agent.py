@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +34,10 @@ def _tree(root: Path, files: dict[str, bytes]) -> list[list[object]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return [[name, len(data)] for name, data in files.items()]
+
+
+def _verify_spec(built: dict, members: list[list[object]]) -> dict:
+    return {"path": built["temp_path"], "identity": built["identity"], "members": members}
 
 
 def _build(src: Path, dest: Path, members: list[list[object]], rel: str = "p/pkg.tar") -> dict:
@@ -195,15 +202,11 @@ def test_verify_catches_truncation_at_a_member_boundary(tmp_path: Path) -> None:
     dest.mkdir()
     members = _tree(src, {"a.dat": os.urandom(1024), "b.dat": os.urandom(1024)})
     built = _build(src, dest, members)
-    tar_agent.run_command(
-        "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
-    )
+    tar_agent.run_command("verify", _verify_spec(built, members), tar_agent.Progress())
     with open(built["temp_path"], "r+b") as handle:  # cut after a's data: tar -tf still lists it
         handle.truncate(512 + 1024)
     with pytest.raises(AgentError, match="expected") as info:
-        tar_agent.run_command(
-            "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
-        )
+        tar_agent.run_command("verify", _verify_spec(built, members), tar_agent.Progress())
     assert info.value.kind == "verification"
 
 
@@ -214,9 +217,7 @@ def test_verify_catches_a_member_list_that_differs(tmp_path: Path) -> None:
     built = _build(src, dest, members)
     renamed = [["a.dat", 100], ["c.dat", 100]]
     with pytest.raises(AgentError, match="members differ"):
-        tar_agent.run_command(
-            "verify", {"path": built["temp_path"], "members": renamed}, tar_agent.Progress()
-        )
+        tar_agent.run_command("verify", _verify_spec(built, renamed), tar_agent.Progress())
 
 
 def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: Path) -> None:
@@ -231,16 +232,22 @@ def test_not_enough_space_is_refused_before_writing(tmp_path: Path, small_disk: 
     ]
 
 
+def _publish_spec(dest: Path, built: dict, rel: str = "p/pkg.tar", **options: object) -> dict:
+    return {
+        "temp_path": built["temp_path"],
+        "identity": built["identity"],
+        "dest_root": str(dest),
+        "dest_relative": rel,
+        "size": built["size"],
+        "checksum": built["checksum"],
+        **options,
+    }
+
+
 def _publish(dest: Path, built: dict, rel: str = "p/pkg.tar") -> dict:
     return tar_agent.run_command(
         "publish",
-        {
-            "temp_path": built["temp_path"],
-            "dest_root": str(dest),
-            "dest_relative": rel,
-            "size": built["size"],
-            "checksum": built["checksum"],
-        },
+        _publish_spec(dest, built, rel),
         tar_agent.Progress(),
     )
 
@@ -442,7 +449,7 @@ def test_read_ahead_and_directory_reuse_keep_the_archive_exact(
         for name, content in contents.items():
             extracted = archive.extractfile(name)
             assert extracted is not None and extracted.read() == content
-    tar_agent.verify({"path": result["temp_path"], "members": members}, tar_agent.Progress())
+    tar_agent.run_command("verify", _verify_spec(dict(result), members), tar_agent.Progress())
 
 
 def test_a_failure_with_files_opened_ahead_closes_them_and_leaves_nothing(
@@ -468,14 +475,54 @@ def test_a_failure_with_files_opened_ahead_closes_them_and_leaves_nothing(
     assert _leftovers(dest) == []
 
 
-def test_a_symlinked_directory_that_stays_inside_the_root_is_followed(tmp_path: Path) -> None:
+def test_a_symlinked_directory_is_refused_even_where_it_stays_inside_the_root(
+    tmp_path: Path,
+) -> None:
+    """Source paths follow no symlink at all: one that points inside the root now can point
+    anywhere a moment later, and the instruments write real directories."""
     src, dest = tmp_path / "src", tmp_path / "buf"
     dest.mkdir()
     _tree(src, {"real/a.dat": b"inside"})
     (src / "alias").symlink_to(src / "real")
-    result = _build(src, dest, [["alias/a.dat", 6]])
-    with tarfile.open(result["temp_path"]) as archive:
-        assert [(m.name, m.size) for m in archive] == [("alias/a.dat", 6)]
+    with pytest.raises(AgentError) as info:
+        _build(src, dest, [["alias/a.dat", 6]])
+    assert info.value.kind == "unsafe_path"
+    assert f"lies under a symlink, {src / 'alias'}" in info.value.message
+    assert _leftovers(dest) == []
+
+
+def test_a_source_directory_swapped_for_a_symlink_at_its_open_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of a checked path: every time the agent opens the member's directory, an
+    attacker has just swapped it for a symlink to a file of the same name and size outside the
+    root, and swaps it back right after. No filed checksum: its size alone matches."""
+    src, dest, outside = tmp_path / "src", tmp_path / "buf", tmp_path / "outside"
+    dest.mkdir()
+    members = _tree(src, {"d/f.dat": b"inside"})
+    _tree(outside, {"f.dat": b"secret"})
+    real_open, swaps = os.open, []
+
+    def swapping_open(path, flags, *args, **kwargs):
+        if os.fspath(path) not in (str(src / "d"), "d"):
+            return real_open(path, flags, *args, **kwargs)
+        os.rename(src / "d", tmp_path / "d.real")
+        (src / "d").symlink_to(outside)
+        swaps.append(path)
+        try:
+            return real_open(path, flags, *args, **kwargs)
+        finally:
+            (src / "d").unlink()
+            os.rename(tmp_path / "d.real", src / "d")
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    with pytest.raises(AgentError) as info:
+        _build(src, dest, members)
+    monkeypatch.undo()
+    assert swaps, "the agent never opened the directory: nothing was swapped"
+    assert info.value.kind == "unsafe_path", info.value.message
+    assert f"lies under a symlink, {src / 'd'}" in info.value.message
+    assert _leftovers(dest) == []
 
 
 # --- concurrent assemblies into one buffer: real processes, a 64 MiB tmpfs ---------------------
@@ -625,9 +672,7 @@ def test_verify_reports_a_damaged_first_header_as_a_verification_error(tmp_path:
     with open(built["temp_path"], "r+b") as handle:
         handle.write(b"A")  # the first byte of the first member's name
     with pytest.raises(AgentError, match="not a valid archive") as info:
-        tar_agent.run_command(
-            "verify", {"path": built["temp_path"], "members": members}, tar_agent.Progress()
-        )
+        tar_agent.run_command("verify", _verify_spec(built, members), tar_agent.Progress())
     assert info.value.kind == "verification"
 
 
@@ -694,7 +739,9 @@ class Syscall:
     ok: bool
 
 
-def _traced(tmp_path: Path, command: str, spec: dict, stdin: bytes = b"") -> list[Syscall]:
+def _traced(
+    tmp_path: Path, command: str, spec: dict, stdin: bytes = b"", trace: str = STRACED
+) -> list[Syscall]:
     """Run ``python3 -I -S tar_agent.py COMMAND SPEC`` under strace; its calls in order."""
     strace = shutil.which("strace")
     if strace is None:
@@ -703,7 +750,7 @@ def _traced(tmp_path: Path, command: str, spec: dict, stdin: bytes = b"") -> lis
     spec_file.write_text(json.dumps(spec))
     command_line = [sys.executable, "-I", "-S", str(AGENT), command, str(spec_file)]
     done = subprocess.run(
-        [strace, "-f", "-qq", "-y", "-s", "0", "-o", str(log), "-e", STRACED, *command_line],
+        [strace, "-f", "-qq", "-y", "-s", "0", "-o", str(log), "-e", trace, *command_line],
         input=stdin,
         capture_output=True,
         check=False,
@@ -715,8 +762,9 @@ def _traced(tmp_path: Path, command: str, spec: dict, stdin: bytes = b"") -> lis
         if found is None:
             continue  # an unfinished or resumed call, a signal
         name, args, code = found.groups()
-        if name.startswith(("rename", "link")):
-            target = re.findall(r'"([^"]*)"', args)[-1]
+        if name.startswith(("rename", "link", "mkdir")):  # the new name, in its directory
+            directory, new_name = re.findall(r'(?:\d+<([^>]*)>, )?"([^"]*)"', args)[-1]
+            target = os.path.join(directory, new_name)
         else:
             target = re.match(r"\d+<(.*?)>", args).group(1) if "<" in args else ""  # type: ignore[union-attr]
         calls.append(Syscall(name, target, code != "-1"))
@@ -754,14 +802,7 @@ def test_publish_fsyncs_the_directory_after_giving_the_final_name(tmp_path: Path
     src, dest = tmp_path / "src", tmp_path / "buf"
     dest.mkdir()
     built = _build(src, dest, _tree(src, {"a.dat": b"abc"}))
-    spec = {
-        "temp_path": built["temp_path"],
-        "dest_root": str(dest),
-        "dest_relative": "p/pkg.tar",
-        "size": built["size"],
-        "checksum": built["checksum"],
-    }
-    calls = _traced(tmp_path, "publish", spec)
+    calls = _traced(tmp_path, "publish", _publish_spec(dest, built))
     final = dest / "p" / "pkg.tar"
     assert final.exists()
     [named] = [i for i, c in enumerate(calls) if c.name.startswith("link") and c.ok]
@@ -783,3 +824,230 @@ def test_position_names_the_file_a_byte_of_the_archive_belongs_to() -> None:
     assert tar_agent.position(members, 3072) == f"{long_name!r} at its byte 0 of 600"
     end = tar_agent.position(members, 3072 + 1024)
     assert end == "the end of the archive, after its last file"
+
+
+# --- the temporary archive between build and publish, and paths that are not what they seem -----
+
+
+def _forgery(tmp_path: Path, members: list[list[object]]) -> Path:
+    """An archive with the package's size and member headers (all that verify reads) but other
+    bytes, built elsewhere on the same file system."""
+    forged_src, elsewhere = tmp_path / "forged_src", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _tree(forged_src, {str(name): os.urandom(int(str(size))) for name, size in members})
+    return Path(_build(forged_src, elsewhere, members)["temp_path"])
+
+
+@pytest.mark.parametrize("attack", ["swapped", "hard-linked", "modified in place"])
+def test_only_the_file_the_build_hashed_is_verified_and_published(
+    tmp_path: Path, attack: str
+) -> None:
+    """Someone who can write the buffer's directory replaces the temporary archive between
+    build and publish (the steps are separate commands), or alters it where verify does not
+    look: neither verify nor publish take it, and nothing gets the final name, whose checksum
+    the database would record as the build's."""
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": os.urandom(3000), "b.dat": os.urandom(100)})
+    built = _build(src, dest, members)
+    temp, planted = Path(built["temp_path"]), dest / "p" / "planted"
+    if attack == "swapped":
+        shutil.copyfile(_forgery(tmp_path, members), planted)
+        os.replace(planted, temp)
+    elif attack == "hard-linked":
+        os.link(_forgery(tmp_path, members), planted)
+        os.replace(planted, temp)
+    else:
+        time.sleep(0.05)  # past the file system's timestamp granularity (see the README)
+        with open(temp, "r+b") as handle:
+            handle.seek(512 + 1000)  # inside a.dat's data, where verify never looks
+            handle.write(b"X")
+    assert temp.stat().st_size == built["size"]
+    with tarfile.open(temp) as archive:  # what verify checked before: all still fine
+        assert [[m.name, m.size] for m in archive] == members
+    assert hashlib.sha256(temp.read_bytes()).hexdigest() != built["checksum"]
+    for command, spec in [
+        ("verify", _verify_spec(built, members)),
+        ("publish", _publish_spec(dest, built)),
+    ]:
+        with pytest.raises(AgentError, match="is not the file the build wrote") as info:
+            tar_agent.run_command(command, spec, tar_agent.Progress())
+        assert info.value.kind == "verification", command
+    assert not (dest / "p" / "pkg.tar").exists()
+    # Discarded is only the build's own file, altered or not; a replacement is not ours.
+    discard = {**_publish_spec(dest, built), "dest_root": str(dest)}
+    removed = tar_agent.run_command("discard", discard, tar_agent.Progress())["removed"]
+    assert removed is (attack == "modified in place") and temp.exists() is not removed
+
+
+def test_a_file_swapped_in_while_publish_links_is_not_what_gets_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap at the last moment, after publish checked the file and just before its
+    link(2): the link is made from the checked file's descriptor, not from its name, and the
+    kernel links no file that lost its last name, so nothing is published."""
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": os.urandom(3000)})
+    built = _build(src, dest, members)
+    forged, real_link = _forgery(tmp_path, members), os.link
+
+    def swap_then_link(*args, **kwargs):
+        os.replace(forged, built["temp_path"])
+        return real_link(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", swap_then_link)
+    with pytest.raises(AgentError, match="replaced or removed while being published") as info:
+        _publish(dest, built)
+    monkeypatch.undo()
+    assert info.value.kind == "verification"
+    assert not (dest / "p" / "pkg.tar").exists()
+
+
+def test_published_archives_get_the_umask_s_mode_or_the_configured_one(tmp_path: Path) -> None:
+    """Not 0644 whatever the umask: the temporary archive is 0600 until it is named, then
+    0666 less the umask of the agent's process, or the mode the spec asks for."""
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": b"abc"})
+    old = os.umask(0o027)
+    try:
+        built = _build(src, dest, members)
+        assert stat.S_IMODE(os.stat(built["temp_path"]).st_mode) == 0o600
+        _publish(dest, built)
+        configured = _build(src, dest, members, rel="q/pkg.tar")
+        tar_agent.run_command(
+            "publish",
+            _publish_spec(dest, configured, "q/pkg.tar", mode=0o444),
+            tar_agent.Progress(),
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((dest / "p" / "pkg.tar").stat().st_mode) == 0o640
+    assert stat.S_IMODE((dest / "q" / "pkg.tar").stat().st_mode) == 0o444
+
+
+def test_new_directories_under_the_buffer_are_fsynced_into_their_parents(
+    tmp_path: Path,
+) -> None:
+    dest = tmp_path / "buf"
+    dest.mkdir()
+    members = _tree(tmp_path / "src", {"a.dat": b"abc"})
+    spec = {
+        "source_root": str(tmp_path / "src"),
+        "members": members,
+        "dest_root": str(dest),
+        "dest_relative": "new/sub/pkg.tar",
+    }
+    calls = _traced(tmp_path, "build", spec, trace="trace=/^(mkdir(at)?|f(data)?sync)$")
+    for made in (dest / "new", dest / "new" / "sub", dest / tar_agent.RESERVATIONS):
+        [i] = [
+            i
+            for i, c in enumerate(calls)
+            if c.name.startswith("mkdir") and c.ok and c.target == str(made)
+        ]
+        assert any(
+            c.name == "fsync" and c.ok and c.target == str(made.parent) for c in calls[i:]
+        ), (made, calls)
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_never_created(tmp_path: Path) -> None:
+    src, dest, victim = tmp_path / "src", tmp_path / "buf", tmp_path / "victim"
+    (dest / "p").mkdir(parents=True)
+    (dest / "p" / ".pkg.tar.lock").symlink_to(victim)
+    with pytest.raises(AgentError) as info:
+        _build(src, dest, _tree(src, {"a.dat": b"abc"}))
+    assert info.value.kind == "unsafe_path"
+    assert f"the lock {dest / 'p' / '.pkg.tar.lock'} is a symlink" in info.value.message
+    assert not victim.exists() and _leftovers(dest) == []
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3"]
+HOLD_LOCK = """
+import fcntl, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    print("held", flush=True)
+except OSError as exc:
+    print("refused", exc.errno, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def open_buffer() -> Iterator[Path]:
+    """A buffer any user can reach (pytest's own directories are 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="ccat-buffer-"))
+    base.chmod(0o755)
+    try:
+        yield base / "buf"
+    finally:
+        shutil.rmtree(base)
+
+
+def test_another_user_cannot_hold_a_package_s_lock(tmp_path: Path, open_buffer: Path) -> None:
+    """A process running as ``nobody`` tries to lock the package's lock file (made by an
+    earlier build) to fail every build of the package as busy: it cannot even open it."""
+    src, dest = tmp_path / "src", open_buffer
+    dest.mkdir()
+    members = _tree(src, {"a.dat": b"abc"})
+    _build(src, dest, members)
+    lock = dest / "p" / ".pkg.tar.lock"
+    holder = subprocess.Popen(
+        [*NOBODY, "-c", HOLD_LOCK, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        attempt = holder.stdout.readline()
+        assert attempt == f"refused {errno.EACCES}\n", attempt
+        assert Path(_build(src, dest, members)["temp_path"]).exists()
+    finally:
+        holder.communicate("", timeout=30)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+
+
+def test_a_lock_another_user_owns_is_refused(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "buf"
+    lock = dest / "p" / ".pkg.tar.lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.chown(lock, 65534, 65534)  # planted by nobody, who can hold it whenever they like
+    with pytest.raises(AgentError) as info:
+        _build(src, dest, _tree(src, {"a.dat": b"abc"}))
+    assert info.value.kind == "unsafe_path"
+    assert f"the lock {lock} is not a file of ours (owner uid 65534" in info.value.message
+    assert _leftovers(dest) == []
+
+
+@pytest.mark.parametrize("step", ["build", "publish"])
+def test_a_symlinked_destination_directory_is_refused(tmp_path: Path, step: str) -> None:
+    """An archive never lands outside the buffer through a symlink below its root, whether
+    the symlink is there when the build starts or swapped in before publish."""
+    src, dest, outside = tmp_path / "src", tmp_path / "buf", tmp_path / "outside"
+    dest.mkdir()
+    members = _tree(src, {"a.dat": b"abc"})
+    if step == "build":
+        outside.mkdir()
+        (dest / "p").symlink_to(outside)
+        run = lambda: _build(src, dest, members)  # noqa: E731
+    else:
+        built = _build(src, dest, members)
+        os.rename(dest / "p", outside)
+        (dest / "p").symlink_to(outside)
+        run = lambda: _publish(dest, built)  # noqa: E731
+    with pytest.raises(AgentError) as info:
+        run()
+    assert info.value.kind == "unsafe_path"
+    assert f"{dest / 'p'} is a symlink, which is never followed" in info.value.message
+    assert not (outside / "pkg.tar").exists()
+    if step == "build":
+        assert list(outside.iterdir()) == []
+    else:  # nor is the temporary archive reached through it to be discarded
+        discard = {**_publish_spec(dest, built), "dest_root": str(dest)}
+        with pytest.raises(AgentError, match="is a symlink, which is never followed"):
+            tar_agent.run_command("discard", discard, tar_agent.Progress())
+        assert (outside / Path(built["temp_path"]).name).exists()

@@ -420,6 +420,8 @@ class Observatory:
             **far,
             "CCAT_SSH_KEY_FILE": str(self.client_key),
             "CCAT_SSH_KNOWN_HOSTS": str(self.known_hosts),
+            # As in production: every host confined to its disks (allowed_roots).
+            "CCAT_ALLOWED_ROOTS": f"*={self.directory / 'disks'}",
             "CCAT_WORKER_QUEUES": f"ccat_{SITE}",
             "CCAT_WORKER_NAME": f"{SITE}@buffer",
             "CCAT_WORKER_CONCURRENCY": "2",

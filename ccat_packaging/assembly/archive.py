@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ccat_packaging import settings
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import AgentProcess, HostRunner, Hosts, agent_error, describe
 from ccat_packaging.errors import (
@@ -33,11 +34,13 @@ PUMP_BLOCK = 1 << 20
 class AssembledArchive:
     """A fsynced archive under its temporary name at the buffer, with its checksum.
 
-    ``via_ssh`` says how the source's host was reached; ``buffer`` is the location whose host
-    holds ``temp_path``.
+    ``identity`` is the file that was hashed (inode, size, times): verify and publish act on
+    ``temp_path`` only while it is still that file. ``via_ssh`` says how the source's host was
+    reached; ``buffer`` is the location whose host holds ``temp_path``.
     """
 
     temp_path: str
+    identity: tar_agent.FileIdentity
     size: int
     checksum: str
     algorithm: str
@@ -79,6 +82,7 @@ def _assemble(
         result = _stream(source, receiver, buffer, plan, members)
     return AssembledArchive(
         temp_path=result["temp_path"],
+        identity=result["identity"],
         size=int(result["size"]),
         checksum=result["checksum"],
         algorithm=result["algorithm"],
@@ -137,6 +141,10 @@ def _stream(
         receiver.abort()
         raise
     if received["checksum"] != sent["checksum"] or received["size"] != sent["size"]:
+        unkept = tar_agent.DiscardSpec(
+            temp_path=received["temp_path"], identity=received["identity"], dest_root=buffer.root
+        )
+        destination.run("discard", unkept)
         raise ArchiveVerificationError(  # the receiver checks this too; a second look is cheap
             f"{describe(buffer)}: received {received['size']} bytes with checksum "
             f"{received['checksum']}, sent {sent['size']} with {sent['checksum']}"
@@ -166,15 +174,20 @@ def _pump(sender: AgentProcess, receiver: AgentProcess, need: int) -> None:
 
 def verify(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> None:
     """Size and member headers against the plan; the data is not read a second time."""
-    spec = tar_agent.VerifySpec(path=archive.temp_path, members=[list(m) for m in plan.members])
+    spec = tar_agent.VerifySpec(
+        path=archive.temp_path, identity=archive.identity, members=[list(m) for m in plan.members]
+    )
     hosts.runner_for(archive.buffer).run("verify", spec)
 
 
 def publish(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> tar_agent.PublishResult:
-    """The archive under its final name: ``adopted`` when an earlier attempt had put it there
-    (the agent never replaces a file that is not this package)."""
+    """The archive under its final name, with the permission bits of ``CCAT_ARCHIVE_MODE``:
+    ``adopted`` when an earlier attempt had put it there (the agent never replaces a file that
+    is not this package)."""
     spec = tar_agent.PublishSpec(
         temp_path=archive.temp_path,
+        identity=archive.identity,
+        mode=settings.archive_mode(),
         dest_root=archive.buffer.root,
         dest_relative=plan.relative_path,
         size=archive.size,
@@ -186,5 +199,8 @@ def publish(hosts: Hosts, plan: PackagePlan, archive: AssembledArchive) -> tar_a
 
 def discard(hosts: Hosts, archive: AssembledArchive) -> None:
     hosts.runner_for(archive.buffer).run(
-        "discard", tar_agent.DiscardSpec(temp_path=archive.temp_path)
+        "discard",
+        tar_agent.DiscardSpec(
+            temp_path=archive.temp_path, identity=archive.identity, dest_root=archive.buffer.root
+        ),
     )

@@ -307,11 +307,12 @@ class _LocalProcess:
 
     def abort(self) -> None:
         """Cancel the command and close our end of its pipe (its next write fails, or its next
-        read ends); wait for it to clean up unless it is stuck where it stalled."""
+        read ends); wait for it to clean up, but no longer than a stall lasts: a command stuck
+        in a system call removes its temporary file itself once the call returns."""
         self._progress.cancel()
         self.close_input()
         if not self._stalled:
-            self._thread.join()
+            self._thread.join(self._stall_seconds)
 
 
 @functools.cache

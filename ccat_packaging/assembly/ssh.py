@@ -1,10 +1,14 @@
 """Assembly on another host over SSH: Fabric 3 for the connection, one channel per command.
 
 One connection per (user, host, port) per run, opened on first use and verified against a
-known-hosts file. The agent (``tar_agent.py``, standard library only) is uploaded once by SFTP
-to a path named after its content, and each command runs it on its own channel as
-``exec PYTHON -I -S AGENT COMMAND - EVERY``: a command line of constants, so no file name ever
-reaches a shell and no line can grow past the kernel's argument limit. The spec is the first
+known-hosts file that only this user (or root) can change; with ``trust_unknown_hosts`` a new
+host's key is recorded there, so each host is trusted on its first use only. The agent
+(``tar_agent.py``, standard library only) is uploaded once by SFTP to a path named after its
+content, in a directory only the login user (or root) can write, and each command runs it on its
+own channel as ``exec PYTHON -I -S -c BOOTSTRAP SHA256 AGENT COMMAND - EVERY``: the bootstrap
+reads the agent file, and runs the bytes it read only if they have the agent's SHA256, so what
+runs is our agent whoever changed the file since. A command line of constants, so no file name
+ever reaches a shell and no line can grow past the kernel's argument limit. The spec is the first
 line on the channel's stdin, written with paramiko directly (Fabric's ``in_stream`` feeds
 ~100 B/s and mangles non-UTF-8 bytes), and stdin then stays open until the result is in: when
 the connection drops or the worker gives up, sshd closes it and the agent stops and removes its
@@ -19,19 +23,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import functools
 import getpass
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import shlex
+import stat
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paramiko
 from fabric import Config, Connection
@@ -60,6 +67,23 @@ _CTR_CIPHERS = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
 
 # Errors paramiko and the socket layer raise when a connection cannot be made or breaks.
 _NETWORK_ERRORS = (OSError, paramiko.SSHException, EOFError)
+
+# The known-hosts file when none is configured: verified against, and written when trusting.
+_DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+# Run remotely as ``python3 -I -S -c _BOOTSTRAP SHA256 AGENT COMMAND ...``: the bytes hashed are
+# the bytes run, so a file changed after its upload is refused rather than run (Python 3.8).
+_BOOTSTRAP = (
+    "import hashlib,sys\n"
+    "h,p=sys.argv[1:3]\n"
+    "with open(p,'rb') as f:b=f.read()\n"
+    "if hashlib.sha256(b).hexdigest()!=h:"
+    "sys.exit(p+' is not the tar agent of sha256 '+h+' (changed since its upload); not run')\n"
+    "sys.argv=sys.argv[2:]\n"
+    "exec(compile(b,p,'exec'))\n"
+)
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,9 +122,125 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
         )
 
 
+class _RecordNewHostKey(paramiko.MissingHostKeyPolicy):
+    """Trust a host not yet known, and pin its key in the known-hosts file for every later
+    connection, from any process."""
+
+    def __init__(self, known_hosts: str, where: str) -> None:
+        self._known_hosts = known_hosts
+        self._where = where
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
+        try:
+            _record_host_key(self._known_hosts, hostname, key, self._where)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"{self._where}: cannot record the key of host {hostname} in the known hosts "
+                f"file {self._known_hosts}: {exc}"
+            ) from None
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _record_host_key(known_hosts: str, hostname: str, key: paramiko.PKey, where: str) -> None:
+    """Add ``hostname``'s key to the file by writing a new one and renaming it over the old
+    (readers see the old or the new file, never half of one), under a lock of its directory so
+    that concurrent workers lose no record. Lines paramiko cannot parse are kept as they are."""
+    path = os.path.realpath(known_hosts)
+    directory = os.path.dirname(path)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(directory_fd, fcntl.LOCK_EX)
+        recorded = paramiko.HostKeys(path).lookup(hostname)
+        if recorded:  # another worker trusted this host meanwhile: its key, or none
+            if key in recorded.values():
+                return
+            raise HostKeyError(
+                f"{where}: host {hostname} offered {fingerprint(key)}, but the known hosts "
+                f"file {known_hosts} has just received another key for it; refusing to connect"
+            )
+        old = Path(path).read_bytes()
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n".encode()
+        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(old + (b"\n" if old and not old.endswith(b"\n") else b"") + line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+class _Attributes(Protocol):
+    """What ``os.lstat`` and paramiko's ``SFTPClient.lstat`` both answer."""
+
+    @property
+    def st_mode(self) -> int: ...
+
+    @property
+    def st_uid(self) -> int: ...
+
+
+def _writable_by_others(attributes: _Attributes, owners: set[int], sticky_ok: bool) -> str:
+    """Why someone outside ``owners`` could change what is there; empty if no one can. In a
+    sticky directory (``/tmp``) others cannot rename or remove what they do not own."""
+    mode = attributes.st_mode
+    described = f"mode {stat.S_IMODE(mode):04o}, owner uid {attributes.st_uid}"
+    if attributes.st_uid not in owners:
+        return f"it is owned by another user ({described})"
+    if mode & 0o022 and not (sticky_ok and mode & stat.S_ISVTX):
+        return f"its group or others can write it ({described})"
+    return ""
+
+
+def _unsafe_directories(
+    directory: str, lstat: Callable[[str], _Attributes], owners: set[int]
+) -> str:
+    """Why someone outside ``owners`` could change what is in ``directory`` (an absolute path
+    without symlinks): through it or any directory above it; empty if no one can."""
+    parts = [part for part in directory.split("/") if part]
+    for depth in range(len(parts) + 1):
+        path = "/" + "/".join(parts[:depth])
+        problem = _writable_by_others(lstat(path), owners, sticky_ok=depth < len(parts))
+        if problem:
+            return f"{path}: {problem}"
+    return ""
+
+
+def _check_private_known_hosts(path: str, where: str) -> None:
+    """Refuse a known-hosts file that others could change: whoever can, can make us trust a
+    host of theirs."""
+    real = os.path.realpath(path)
+    owners = {os.geteuid(), 0}
+    problem = _unsafe_directories(os.path.dirname(real), os.lstat, owners)
+    if not problem:
+        attributes = os.lstat(real)
+        if not stat.S_ISREG(attributes.st_mode):
+            problem = f"{real}: it is not a regular file"
+        elif mine := _writable_by_others(attributes, owners, sticky_ok=False):
+            problem = f"{real}: {mine}"
+    if problem:
+        raise ConfigurationError(
+            f"{where}: the known hosts file {path} could be changed by others ({problem}); "
+            "refusing to trust it. Make it and the directories above it owned by this user "
+            "(or root) and writable by no one else (chmod go-w)"
+        )
+
+
 @functools.cache
 def _agent_source() -> bytes:
     return Path(tar_agent.__file__).read_bytes()
+
+
+@functools.cache
+def _agent_digest() -> str:
+    return hashlib.sha256(_agent_source()).hexdigest()
 
 
 class SshHosts:
@@ -166,8 +306,10 @@ class _Session:
         connection = self._connect(where)
         try:
             if self._agent_path is None:
-                self._agent_path = self._install_agent(connection)
-            argv = [self.settings.remote_python, "-I", "-S", self._agent_path, command, "-"]
+                self._agent_path = self._install_agent(connection, where)
+            python = self.settings.remote_python
+            argv = [python, "-I", "-S", "-c", _BOOTSTRAP, _agent_digest(), self._agent_path]
+            argv += [command, "-"]
             if tar_agent.COMMANDS[command].stream != "out":  # else the archive is the progress
                 argv.append(f"{self.settings.stall_seconds / 4:g}")
             channel = connection.transport.open_session(timeout=self.settings.connect_timeout)
@@ -254,42 +396,50 @@ class _Session:
             ) from None
 
     def _check_host_keys(self, client: paramiko.SSHClient, where: str) -> None:
-        """Fabric accepts any host key by default; here only known ones pass, unless the
-        deployment opted into recording new keys (a changed key is refused regardless)."""
-        path = self.settings.known_hosts
-        if path:
-            if not os.path.exists(path):
-                if not self.settings.trust_unknown_hosts:
-                    raise ConfigurationError(f"{where}: known hosts file {path} does not exist")
-                Path(path).touch(mode=0o600)
-            client.load_host_keys(path)  # new keys trusted below are saved here
-        else:
-            client.load_system_host_keys()
-        if self.settings.trust_unknown_hosts:
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        else:
-            client.set_missing_host_key_policy(
-                _RefuseUnknownHostKey(path or "~/.ssh/known_hosts", where)
-            )
+        """Fabric accepts any host key by default; here only those in a known-hosts file that
+        no one else can change pass, unless the deployment opted into trusting new hosts: their
+        keys are then recorded in that file (the default one too), so that each host is trusted
+        on its first use only. A changed key is refused regardless."""
+        path = os.path.expanduser(self.settings.known_hosts or _DEFAULT_KNOWN_HOSTS)
+        trust = self.settings.trust_unknown_hosts
+        if not os.path.exists(path):
+            if not trust:
+                raise ConfigurationError(f"{where}: known hosts file {path} does not exist")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            Path(path).touch(mode=0o600)
+        _check_private_known_hosts(path, where)
+        client.load_host_keys(path)
+        policy = _RecordNewHostKey if trust else _RefuseUnknownHostKey
+        client.set_missing_host_key_policy(policy(path, where))
 
-    def _install_agent(self, connection: Connection) -> str:
-        """Upload the agent unless this exact version is there already; the rename makes a
-        half-uploaded copy impossible to run."""
-        source = _agent_source()
+    def _install_agent(self, connection: Connection, where: str) -> str:
+        """The agent's path on the host, in a directory that only the login user (or root)
+        can write, so that no one else can put a file there under its name; uploaded unless
+        this exact agent is there already. A file there of that name with other content is
+        replaced, and the rename makes a half-uploaded copy impossible to run."""
         sftp = connection.sftp()
-        directory = self.settings.remote_dir
-        if not posixpath.isabs(directory):
-            directory = posixpath.join(sftp.normalize("."), directory)
-        _sftp_makedirs(sftp, directory)
-        path = posixpath.join(directory, f"tar_agent-{hashlib.sha256(source).hexdigest()[:16]}.py")
-        try:
-            sftp.stat(path)
+        home = sftp.normalize(".")
+        _sftp_makedirs(sftp, posixpath.join(home, self.settings.remote_dir))
+        directory = sftp.normalize(posixpath.join(home, self.settings.remote_dir))
+        # The login user is whoever owns its home: SFTP has no other way to say who we are.
+        problem = _unsafe_directories(directory, sftp.lstat, {sftp.stat(home).st_uid, 0})
+        if problem:
+            raise ConfigurationError(
+                f"{where}: the agent directory {directory} could be changed by others than "
+                f"{self.user} ({problem}); refusing to run the agent from there. Make it and "
+                f"the directories above it owned by {self.user} (or root) and writable by no "
+                "one else (chmod go-w), or set remote_dir elsewhere"
+            )
+        path = posixpath.join(directory, f"tar_agent-{_agent_digest()[:16]}.py")
+        found = _other_than_agent(sftp, path)
+        if found is None:
             return path
-        except FileNotFoundError:
-            pass
         partial = f"{path}.{uuid.uuid4().hex}.partial"
-        sftp.putfo(io.BytesIO(source), partial)
+        sftp.putfo(io.BytesIO(_agent_source()), partial)
+        sftp.chmod(partial, 0o600)  # not left to the host's umask
         sftp.posix_rename(partial, path)
+        if found:
+            _log.warning("%s: %s was not the tar agent (%s); replaced it", where, path, found)
         return path
 
     def close(self) -> None:
@@ -313,6 +463,22 @@ def _discard(connection: Connection) -> None:
     leave paramiko's transport (socket and thread) behind."""
     connection.client.close()
     connection.close()
+
+
+def _other_than_agent(sftp: paramiko.SFTPClient, path: str) -> str | None:
+    """What is at ``path`` instead of this agent in a file only its owner can write: empty
+    for nothing, None if it is the agent."""
+    try:
+        attributes = sftp.lstat(path)
+    except FileNotFoundError:
+        return ""
+    mode = attributes.st_mode
+    if not stat.S_ISREG(mode) or mode & 0o022:
+        return f"not a regular file only its owner can write: mode {mode:06o}"
+    with sftp.open(path, "rb") as handle:
+        handle.prefetch(attributes.st_size)
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return None if digest == _agent_digest() else f"sha256 {digest}, not {_agent_digest()}"
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:

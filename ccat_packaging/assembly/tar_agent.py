@@ -41,7 +41,6 @@ import signal
 import stat
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 import zlib
@@ -108,7 +107,7 @@ _ERRNO_KINDS = {
     errno.ESTALE: "storage",
     errno.ETIMEDOUT: "storage",
     errno.ENOLINK: "storage",
-    errno.EREMOTEIO: "storage",
+    getattr(errno, "EREMOTEIO", errno.EIO): "storage",  # Linux's; remote hosts may be other
     errno.EPIPE: "interrupted",
     errno.ECONNRESET: "interrupted",
 }
@@ -186,19 +185,40 @@ class ReceiveSpec(_Destination):
     size: int  # the predicted archive size; the sender's checksum line follows that many bytes
 
 
+class FileIdentity(TypedDict):
+    """The temporary archive as ``build`` or ``receive`` left it, fsynced and hashed: the
+    later steps act only on this file. A file renamed or hard-linked over its name has
+    another inode; a write to it changes mtime and ctime, and nobody can set a ctime back."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class _Temporary(TypedDict):
+    temp_path: str  # as returned by build or receive
+    identity: FileIdentity  # as returned with it
+
+
 class VerifySpec(TypedDict):
-    path: str
+    path: str  # the temporary archive, which must still have ``identity``
+    identity: FileIdentity
     members: list[list[Any]]  # [[relative_path, size], ...] in archive order
 
 
-class PublishSpec(_Destination):
-    temp_path: str  # as returned by build or receive
+class _PublishOptions(TypedDict, total=False):
+    mode: int | None  # the published file's permission bits; left out or null: 0o666 & ~umask
+
+
+class PublishSpec(_Destination, _Temporary, _PublishOptions):
     size: int  # the archive's size and sha256: what a file already at the final name must
     checksum: str  # have to be taken for this package
 
 
-class DiscardSpec(TypedDict):
-    temp_path: str
+class DiscardSpec(_Temporary):
+    dest_root: str  # the location root the temporary archive is under
 
 
 class _ChecksumOptions(TypedDict, total=False):
@@ -218,12 +238,11 @@ class SendResult(TypedDict):
     seconds: float
 
 
-class BuildResult(SendResult):
-    temp_path: str  # the archive, not yet under its final name
+class BuildResult(SendResult, _Temporary):
+    """The archive, not yet under its final name."""
 
 
-class ReceiveResult(TypedDict):
-    temp_path: str
+class ReceiveResult(_Temporary):
     size: int
     checksum: str
     algorithm: str
@@ -298,7 +317,8 @@ def build(spec: BuildSpec, progress: Progress) -> BuildResult:
     need = predicted_size(members)
     with _temporary_archive(spec["dest_root"], spec["dest_relative"], need) as (fd, temp_path):
         result = _write_predicted(fd, spec, root_real, members, need, started, progress)
-    return {"temp_path": temp_path, **result}
+        identity = _identity(os.fstat(fd))
+    return {"temp_path": temp_path, "identity": identity, **result}
 
 
 def send(spec: SendSpec, out_fd: int, progress: Progress) -> SendResult:
@@ -335,8 +355,10 @@ def receive(spec: ReceiveSpec, stream: io.BufferedReader, progress: Progress) ->
                 f"received {need} bytes with sha256 {digest}, but the sender's checksum was "
                 f"{sent or 'never sent'}",
             )
+        identity = _identity(os.fstat(fd))
     return {
         "temp_path": temp_path,
+        "identity": identity,
         "size": need,
         "checksum": digest,
         "algorithm": ALGORITHM,
@@ -346,18 +368,18 @@ def receive(spec: ReceiveSpec, stream: io.BufferedReader, progress: Progress) ->
 
 def verify(spec: VerifySpec, progress: Progress) -> VerifyResult:
     """Check a written archive before it is published, without re-reading its data: exact
-    size, then member headers (``VerifySpec``, ``VerifyResult``); the headers read are its
-    progress."""
+    size, member headers, and that it is still the file the build hashed (its ``identity``)
+    (``VerifySpec``, ``VerifyResult``); the headers read are its progress."""
     path = spec["path"]
     expected = [(p, int(s)) for p, s in spec["members"]]
     need = predicted_size(expected)
-    actual_size = os.stat(path).st_size
-    if actual_size != need:
-        raise AgentError(
-            "verification", f"{path} has {actual_size} bytes, {need} expected (truncated?)"
-        )
     # Unbuffered, so that reading a header reads nothing but the header's pages.
-    with open(path, "rb", buffering=0) as handle:
+    with open(_open_nofollow(path), "rb", buffering=0) as handle:
+        actual_size = os.fstat(handle.fileno()).st_size
+        if actual_size != need:
+            raise AgentError(
+                "verification", f"{path} has {actual_size} bytes, {need} expected (truncated?)"
+            )
         _prefetch_headers(handle.fileno(), expected)
         try:
             with tarfile.open(
@@ -369,6 +391,7 @@ def verify(spec: VerifySpec, progress: Progress) -> VerifyResult:
                     progress.advance(member.offset_data - member.offset)
         except tarfile.TarError as exc:  # a damaged first header: not a tar any more
             raise AgentError("verification", f"{path} is not a valid archive: {exc}") from None
+        _check_identity(path, handle.fileno(), spec["identity"])
     if found != expected:
         missing = [m for m in expected if m not in found][:3]
         extra = [m for m in found if m not in expected][:3]
@@ -380,39 +403,96 @@ def verify(spec: VerifySpec, progress: Progress) -> VerifyResult:
 
 
 def publish(spec: PublishSpec, progress: Progress) -> PublishResult:
-    """Give a verified temporary archive its final name, never replacing anything there
+    """Give the verified temporary archive its final name, never replacing anything there
     (``PublishSpec``, ``PublishResult``).
 
-    link(2) gives the name atomically and fails if it exists, where rename(2) would replace
-    it; the directory is then fsynced so a crash cannot lose the name. A file already at the
-    final name is this package only if it has the package's size and checksum: an earlier
-    attempt published it and died before the database recorded it, so it is adopted. Anything
-    else there (another file, a directory) is left untouched and the package fails.
+    What gets the name is the file ``build`` or ``receive`` wrote and hashed, the one with the
+    spec's ``identity``: it is opened and checked, then linked by its descriptor
+    (``/proc/self/fd``), so a file swapped in under its name after the check is not what gets
+    published. Until then it is 0600, which nobody else can change; it gets its ``mode`` just
+    before the link. link(2) gives the name atomically and fails if it exists, where rename(2)
+    would replace it; the directory is then fsynced so a crash cannot lose the name. A file
+    already at the final name is this package only if it has the package's size and checksum:
+    an earlier attempt published it and died before the database recorded it, so it is
+    adopted. Anything else there (another file, a directory) is left untouched and the package
+    fails.
     """
-    final = os.path.join(spec["dest_root"], check_relative_path(spec["dest_relative"]))
+    dest_relative = check_relative_path(spec["dest_relative"])
+    final = os.path.join(spec["dest_root"], dest_relative)
+    base = os.path.basename(dest_relative)
     temp_path = spec["temp_path"]
+    temp_name = os.path.basename(temp_path)
+    if os.path.dirname(temp_path) != os.path.dirname(final) or not temp_name.startswith(
+        f".{base}.partial."
+    ):
+        raise AgentError("config", f"{temp_path} is not a temporary archive of {final}")
+    dir_fd = _open_dir(spec["dest_root"], os.path.dirname(dest_relative), create=False)
     try:
-        os.link(temp_path, final)
-    except FileExistsError:
-        _check_identical(final, spec, progress)
-        _remove(temp_path)
-        return {"path": final, "adopted": True}
-    except FileNotFoundError:
-        if not os.path.lexists(final):  # the temporary archive went missing
+        try:
+            fd = _open_temporary(temp_path, spec["identity"], dir_fd)
+        except FileNotFoundError:
+            if not _exists(base, dir_fd):  # the temporary archive went missing
+                raise AgentError(
+                    "verification", f"the temporary archive {temp_path} is gone; nothing published"
+                ) from None
+            _check_identical(dir_fd, final, spec, progress)  # this step ran before and published
+            os.fsync(dir_fd)  # the attempt that linked it may have died before its fsync
+            return {"path": final, "adopted": True}
+        try:
+            os.fchmod(fd, _archive_mode(spec.get("mode")))
+            os.link(f"/proc/self/fd/{fd}", base, dst_dir_fd=dir_fd)
+        except FileNotFoundError:  # the kernel links no file that has lost its last name
             raise AgentError(
-                "verification", f"the temporary archive {temp_path} is gone; nothing published"
+                "verification",
+                f"{temp_path} was replaced or removed while being published; nothing published",
             ) from None
-        _check_identical(final, spec, progress)  # this step ran before and published it
-        return {"path": final, "adopted": True}
-    _remove(temp_path)
-    _fsync_directory(os.path.dirname(final))
+        except FileExistsError:
+            _check_identical(dir_fd, final, spec, progress)
+            os.unlink(temp_name, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+            return {"path": final, "adopted": True}
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise AgentError(
+                    "config",
+                    f"cannot give {final} its name with link(2): {_explain(exc)}; buffers need "
+                    "a file system with hard links (publishing never replaces a file, which "
+                    "rename would)",
+                ) from None
+            raise
+        finally:
+            os.close(fd)
+        os.unlink(temp_name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return {"path": final, "adopted": False}
 
 
 def discard(spec: DiscardSpec, progress: Progress) -> DiscardResult:
     """Remove a temporary archive that will not be published (``DiscardSpec``,
-    ``DiscardResult``); one that is gone already is no error, so a retry is harmless."""
-    return {"removed": _remove(spec["temp_path"])}
+    ``DiscardResult``); one that is gone already is no error, so a retry is harmless. Only the
+    file the build wrote (its inode) is removed: whatever else stands under its name is not
+    ours, and is left alone."""
+    temp_path = spec["temp_path"]
+    directory, name = os.path.split(temp_path)
+    relative_dir = os.path.relpath(directory, spec["dest_root"])
+    relative_dir = "" if relative_dir == "." else check_relative_path(relative_dir)
+    try:
+        dir_fd = _open_dir(spec["dest_root"], relative_dir, create=False)
+    except FileNotFoundError:
+        return {"removed": False}
+    try:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return {"removed": False}
+        identity = spec["identity"]
+        if (st.st_dev, st.st_ino) != (identity["dev"], identity["ino"]):
+            return {"removed": False}
+        return {"removed": _remove(name, dir_fd)}
+    finally:
+        os.close(dir_fd)
 
 
 def checksum(spec: ChecksumSpec, progress: Progress) -> ChecksumResult:
@@ -422,8 +502,13 @@ def checksum(spec: ChecksumSpec, progress: Progress) -> ChecksumResult:
     algorithm = spec.get("algorithm") or ALGORITHM
     if algorithm not in hashlib.algorithms_available:
         raise AgentError("config", f"unknown checksum algorithm {algorithm!r}")
-    path = os.path.join(spec["root"], check_relative_path(spec["relative_path"]))
-    size, digest = _hash_file(path, algorithm, progress)
+    relative = check_relative_path(spec["relative_path"])
+    path = os.path.join(spec["root"], relative)
+    dir_fd = _open_dir(spec["root"], os.path.dirname(relative), create=False)
+    try:
+        size, digest = _hash_file(dir_fd, path, algorithm, progress)
+    finally:
+        os.close(dir_fd)
     return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest}
 
 
@@ -529,13 +614,13 @@ class _Report:
         threading.Thread(target=report, daemon=True).start()
 
     def last(self, result: dict[str, Any]) -> None:
-        self._line(result)
-        self._done = True
+        self._line(result, last=True)
 
-    def _line(self, value: dict[str, Any]) -> None:
-        with self._lock:
+    def _line(self, value: dict[str, Any], last: bool = False) -> None:
+        with self._lock:  # the result and the end of progress lines in one step
             if self._done:
                 return
+            self._done = last
             try:
                 self._stream.write(json.dumps(value) + "\n")
                 self._stream.flush()
@@ -588,25 +673,32 @@ def _source(spec: SendSpec) -> tuple[str, list[tuple[str, int]]]:
 
 
 class _SourceTree:
-    """Opens a package's source files for reading, refusing symlinks and anything outside the
-    root. Each directory is resolved and checked once and then kept open (a few at a time), so
-    a file is opened relative to the directory that was checked: one system call per file, and
-    a symlink swapped in later cannot redirect it."""
+    """Opens a package's source files for reading, following no symlink below the root.
+
+    Each directory is opened from the root's descriptor one component at a time, none of them
+    a symlink (``_descend``), and then kept open (a few at a time), so a file is opened
+    relative to a directory reached that way: one system call per file, and a directory
+    swapped for a symlink at any moment cannot lead outside the root. A symlink inside the
+    root is refused even where it stays inside: whoever writes the source tree can re-point it
+    at any time, and the instruments write real directories."""
 
     def __init__(self, root_real: str) -> None:
         self.root_real = root_real
+        self._root = os.open(root_real, _OPEN_ROOT)
         self._directories: dict[str, int] = {}
 
     def _directory(self, relative_dir: str, relative: str) -> int:
         fd = self._directories.get(relative_dir)
         if fd is not None:
             return fd
-        root = self.root_real
-        parent = os.path.realpath(os.path.join(root, relative_dir)) if relative_dir else root
-        if parent != root and not parent.startswith(root + os.sep):
-            raise AgentError("unsafe_path", f"{relative!r} leads outside the location root")
         try:
-            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = _descend(self._root, relative_dir, False, self.root_real)
+        except _Symlinked as link:
+            raise AgentError(
+                "unsafe_path",
+                f"source file {relative!r} lies under a symlink, {link.path}; symlinks are never "
+                "followed in source paths",
+            ) from None
         except FileNotFoundError:
             raise AgentError("source_file", f"source file {relative!r} is missing") from None
         except OSError as exc:
@@ -647,6 +739,7 @@ class _SourceTree:
     def close(self) -> None:
         while self._directories:
             os.close(self._directories.popitem()[1])
+        os.close(self._root)
 
 
 _OPEN_MEMBER = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -663,7 +756,7 @@ def _check_kind(relative: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise AgentError("unsafe_path", f"source file {relative!r} is a symlink")
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a plain file")
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "of an unknown kind")
         raise AgentError(
             "source_file", f"source file {relative!r} is not a regular file but {kind}"
         )
@@ -686,43 +779,85 @@ def _check_member(relative: str, filed_size: int, st: os.stat_result) -> None:
 
 @contextlib.contextmanager
 def _temporary_archive(dest_root: str, dest_relative: str, need: int) -> Iterator[tuple[int, str]]:
-    """A new temporary file next to the archive's final name, under the package's lock and only
-    if ``need`` bytes fit beside what the other assemblies writing into this buffer still need
-    (``_reserve_space``); fsynced when the block succeeds, removed when it fails."""
+    """A new temporary file (0600) next to the archive's final name, under the package's lock
+    and only if ``need`` bytes fit beside what the other assemblies writing into this buffer
+    still need (``_reserve_space``); fsynced when the block succeeds, removed when it fails.
+    Its directory is reached from the buffer's root without following a symlink
+    (``_open_dir``), and everything in it is made relative to that descriptor."""
     dest_relative = check_relative_path(dest_relative)
-    dest_dir = _ensure_dir(dest_root, os.path.dirname(dest_relative))
-    base = os.path.basename(dest_relative)
-    lock_fd = os.open(os.path.join(dest_dir, f".{base}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
-    reservation: tuple[int, str] | None = None
+    relative_dir, base = os.path.split(dest_relative)
+    dest_dir = os.path.join(dest_root, relative_dir)
+    dir_fd = _open_dir(dest_root, relative_dir, create=True)
+    reservation: tuple[int, str, int] | None = None
     try:
+        lock_fd = _open_lock(dir_fd, os.path.join(dest_dir, f".{base}.lock"))
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AgentError("busy", f"{dest_relative} is being built by another process") from None
-        _remove_partials(dest_dir, base)
-        fd, temp_path, reservation = _reserve_space(dest_root, dest_relative, need)
-        try:
-            yield fd, temp_path
-            os.fchmod(fd, 0o644)
-            os.fsync(fd)
-        except OSError as exc:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AgentError(
+                    "busy", f"{dest_relative} is being built by another process"
+                ) from None
+            _remove_partials(dir_fd, base)
+            fd, temp_name, reservation = _reserve_space(dest_root, dest_relative, dir_fd, need)
+            temp_path = os.path.join(dest_dir, temp_name)
+            try:
+                yield fd, temp_path
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                os.unlink(temp_name, dir_fd=dir_fd)
+                raise os_failure(exc, f"writing {temp_path}") from None
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp_name, dir_fd=dir_fd)
+                raise
             os.close(fd)
-            os.unlink(temp_path)
-            raise os_failure(exc, f"writing {temp_path}") from None
-        except BaseException:
-            os.close(fd)
-            os.unlink(temp_path)
-            raise
-        os.close(fd)
+        finally:
+            if reservation is not None:  # the file holds its bytes itself now, or is gone
+                _release(*reservation)
+            os.close(lock_fd)
     finally:
-        if reservation is not None:  # the file holds its bytes itself now, or is gone
-            _release(*reservation)
-        os.close(lock_fd)
+        os.close(dir_fd)
 
 
-def _reserve_space(root: str, dest_relative: str, need: int) -> tuple[int, str, tuple[int, str]]:
-    """A new temporary file (descriptor, path) for the archive ``dest_relative`` of the buffer
-    at ``root``, and the reservation of ``need`` bytes of the buffer for it (to ``_release``).
+def _open_lock(dir_fd: int, path: str) -> int:
+    """The lock file ``path`` (in ``dir_fd``), opened for ``flock``; 0600, so that no other
+    user can open it and hold its lock to fail our builds as busy. A symlink there is never
+    followed (its target would be created), and a lock another user owns is refused: it could
+    be held by anyone. One of ours readable by others is made 0600."""
+    try:
+        fd = os.open(os.path.basename(path), _OPEN_LOCK, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AgentError(
+                "unsafe_path", f"the lock {path} is a symlink, which is never followed; remove it"
+            ) from None
+        exc.filename = path
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise AgentError(
+            "unsafe_path",
+            f"the lock {path} is not a file of ours (owner uid {st.st_uid}, we are "
+            f"{os.geteuid()}): anyone could hold it; remove it",
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+# O_NONBLOCK: a named pipe planted as a lock fails to open instead of waiting for a reader.
+_OPEN_LOCK = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _reserve_space(
+    root: str, dest_relative: str, dest_fd: int, need: int
+) -> tuple[int, str, tuple[int, str, int]]:
+    """A new temporary file (descriptor, name in ``dest_fd``) for the archive
+    ``dest_relative`` of the buffer at ``root``, and the reservation of ``need`` bytes of the
+    buffer for it (to ``_release``).
 
     Assemblies into one buffer run in separate processes, possibly started from different hosts
     (a build in place, a ``receive`` of a stream), and the buffer's filesystem is all they
@@ -734,40 +869,53 @@ def _reserve_space(root: str, dest_relative: str, need: int) -> tuple[int, str, 
     buffer, so two never count the same free space. A reservation nobody holds a lock on
     belonged to a process that died writing: ``_reservations`` clears it.
     """
-    directory = os.path.join(root, RESERVATIONS)
-    os.makedirs(directory, exist_ok=True)
+    directory = _open_dir(root, RESERVATIONS, create=True)
     dest_dir = os.path.dirname(os.path.join(root, dest_relative))
-    with _reservations_locked(directory):
-        others = _reservations(root, directory)
-        vfs = os.statvfs(dest_dir)
-        free = vfs.f_bavail * vfs.f_frsize
-        if free < need:
-            raise AgentError(
-                "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
-            )
-        reserved = sum(left for _, left in others)
-        if free - reserved < need:
-            holders = ", ".join(f"{archive} ({left} bytes to go)" for archive, left in others)
-            raise AgentError(
-                "reserved",
-                f"{dest_dir} has room only once the packages being written into it are done: "
-                f"need {need} bytes, have {free}, of which {reserved} are reserved by {holders}",
-            )
-        base = os.path.basename(dest_relative)
-        fd, temp_path = tempfile.mkstemp(dir=dest_dir, prefix=f".{base}.partial.")
-        try:
-            ticket = _reserve(directory, dest_relative, need, os.path.relpath(temp_path, root))
-        except BaseException:
-            os.close(fd)
-            os.unlink(temp_path)
-            raise
-    return fd, temp_path, ticket
+    try:
+        with _reservations_locked(directory, os.path.join(root, RESERVATIONS)):
+            others = _reservations(root, directory)
+            vfs = os.fstatvfs(dest_fd)
+            free = vfs.f_bavail * vfs.f_frsize
+            if free < need:
+                raise AgentError(
+                    "no_space", f"not enough space in {dest_dir}: need {need} bytes, have {free}"
+                )
+            reserved = sum(left for _, left in others)
+            if free - reserved < need:
+                holders = ", ".join(f"{archive} ({left} bytes to go)" for archive, left in others)
+                raise AgentError(
+                    "reserved",
+                    f"{dest_dir} has room only once the packages being written into it are "
+                    f"done: need {need} bytes, have {free}, of which {reserved} are reserved by "
+                    f"{holders}",
+                )
+            base = os.path.basename(dest_relative)
+            fd, temp_name = _create(dest_fd, f".{base}.partial.", "")
+            partial = os.path.join(os.path.dirname(dest_relative), temp_name)
+            try:
+                ticket = _reserve(directory, dest_relative, need, partial)
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp_name, dir_fd=dest_fd)
+                raise
+    except BaseException:
+        os.close(directory)
+        raise
+    return fd, temp_name, ticket
+
+
+def _create(dir_fd: int, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file of ours (0600, a random name) in ``dir_fd``, open for writing."""
+    name = f"{prefix}{os.urandom(8).hex()}{suffix}"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dir_fd), name
 
 
 @contextlib.contextmanager
-def _reservations_locked(directory: str) -> Iterator[None]:
-    """The buffer-wide lock under which reservations are counted and made."""
-    fd = os.open(os.path.join(directory, RESERVATIONS_LOCK), os.O_WRONLY | os.O_CREAT, 0o644)
+def _reservations_locked(directory: int, path: str) -> Iterator[None]:
+    """The buffer-wide lock under which reservations are counted and made (``directory`` is
+    ``path``, open)."""
+    fd = _open_lock(directory, os.path.join(path, RESERVATIONS_LOCK))
     try:
         deadline = time.monotonic() + RESERVATIONS_LOCK_SECONDS
         while True:
@@ -778,7 +926,7 @@ def _reservations_locked(directory: str) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise AgentError(
                         "busy",
-                        f"the space reservations in {directory} stayed locked for "
+                        f"the space reservations in {path} stayed locked for "
                         f"{RESERVATIONS_LOCK_SECONDS} s",
                     ) from None
                 time.sleep(0.01)
@@ -787,16 +935,15 @@ def _reservations_locked(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _reservations(root: str, directory: str) -> list[tuple[str, int]]:
+def _reservations(root: str, directory: int) -> list[tuple[str, int]]:
     """(archive, bytes it still needs) of every assembly writing into the buffer now; called
     under the buffer's lock, clearing the reservations of processes that died."""
     live = []
     for entry in sorted(os.listdir(directory)):
         if not entry.endswith(".json"):
             continue
-        path = os.path.join(directory, entry)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             continue  # released meanwhile
         try:
@@ -804,86 +951,251 @@ def _reservations(root: str, directory: str) -> list[tuple[str, int]]:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:  # its process is writing; it wrote this file in full first
                 reservation = json.loads(os.pread(fd, 1 << 16, 0))
-                partial = os.path.join(root, check_relative_path(reservation["partial"]))
-                live.append((reservation["archive"], _still_needed(reservation["need"], partial)))
+                held = _partial(root, reservation["partial"], _blocks)
+                live.append((reservation["archive"], max(0, reservation["need"] - (held or 0))))
                 continue
             if os.fstat(fd).st_nlink:  # never released (that unlinks it before unlocking)
-                _clear_stale(root, path, fd)
+                _clear_stale(root, directory, entry, fd)
         finally:
             os.close(fd)
     return live
 
 
-def _clear_stale(root: str, path: str, fd: int) -> None:
+def _clear_stale(root: str, directory: int, entry: str, fd: int) -> None:
     """Remove the reservation of a process that died writing, and its temporary file: that
     will never be published, since nobody got its name. A crash then costs the buffer neither
     reserved nor written space. The file may be empty if its process died making it."""
     with contextlib.suppress(ValueError, KeyError, TypeError, AgentError, FileNotFoundError):
-        partial = json.loads(os.pread(fd, 1 << 16, 0))["partial"]
-        os.unlink(os.path.join(root, check_relative_path(partial)))
+        _partial(root, json.loads(os.pread(fd, 1 << 16, 0))["partial"], os.unlink)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(entry, dir_fd=directory)
 
 
-def _still_needed(need: int, partial: str) -> int:
-    """What a reservation still claims of the free space: its need less the space its
-    temporary file takes already."""
+def _blocks(name: str, dir_fd: int) -> int:
+    """The space a file takes already."""
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_blocks * 512
+
+
+def _partial(root: str, partial: str, act: Callable[..., Any]) -> Any:
+    """``act(name, dir_fd=...)`` on a reservation's temporary file, reached from the buffer's
+    root like every other (``_open_dir``); None if it is gone."""
+    relative_dir, name = os.path.split(check_relative_path(partial))
     try:
-        held = os.stat(partial).st_blocks * 512
+        dir_fd = _open_dir(root, relative_dir, create=False)
     except FileNotFoundError:
-        held = 0
-    return max(0, need - held)
+        return None
+    try:
+        return act(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(dir_fd)
 
 
-def _reserve(directory: str, archive: str, need: int, partial: str) -> tuple[int, str]:
+def _reserve(directory: int, archive: str, need: int, partial: str) -> tuple[int, str, int]:
     """Make a reservation and take its lock, under the buffer's lock, so that nobody sees it
-    unlocked while its process lives."""
-    fd, path = tempfile.mkstemp(dir=directory, suffix=".json")
+    unlocked while its process lives. The ticket keeps ``directory`` open, for ``_release``."""
+    fd, name = _create(directory, "", ".json")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         record = {"archive": archive, "need": need, "partial": partial, "pid": os.getpid()}
         os.write(fd, json.dumps(record).encode("utf-8"))
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        os.unlink(name, dir_fd=directory)
         raise
-    return fd, path
+    return fd, name, directory
 
 
-def _release(fd: int, path: str) -> None:
+def _release(fd: int, name: str, directory: int) -> None:
     """Unlinked before its lock goes: a reservation found unlocked but still linked is then
     certainly one whose process died."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=directory)
     os.close(fd)
+    os.close(directory)
 
 
-def _ensure_dir(root: str, relative_dir: str) -> str:
-    if not os.path.isdir(root):
-        raise AgentError("io", f"location root {root!r} does not exist or is not a directory")
-    path = os.path.join(root, relative_dir) if relative_dir else root
-    os.makedirs(path, exist_ok=True)
-    return path
+def _open_dir(root: str, relative_dir: str, create: bool) -> int:
+    """The directory ``relative_dir`` under the location ``root``, open (a descriptor to
+    close), made with its parents if ``create``. The root is as configured; below it no
+    symlink is followed, so nothing is read, written or linked outside the location."""
+    try:
+        root_fd = os.open(root, _OPEN_ROOT)
+    except (FileNotFoundError, NotADirectoryError):
+        raise AgentError(
+            "io", f"location root {root!r} does not exist or is not a directory"
+        ) from None
+    try:
+        return _descend(root_fd, relative_dir, create, root)
+    except _Symlinked as link:
+        raise AgentError(
+            "unsafe_path",
+            f"{link.path} is a symlink, which is never followed below a location root (it "
+            "could lead outside it); replace it with a directory",
+        ) from None
+    finally:
+        os.close(root_fd)
 
 
-def _remove_partials(dest_dir: str, base: str) -> None:
+class _Symlinked(Exception):
+    """A directory on a path below a root is a symlink; ``path`` names it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+def _descend(root_fd: int, relative_dir: str, create: bool, shown: str) -> int:
+    """The directory ``relative_dir`` below ``root_fd`` (which is ``shown``), opened one
+    component at a time relative to its parent's descriptor, none of them a symlink
+    (``_Symlinked``); with ``create``, a missing one is made and its parent fsynced, so that
+    the new directory survives a crash with what is written into it. An error names the
+    component's full path."""
+    fd = os.dup(root_fd)
+    walked = shown
+    try:
+        for part in relative_dir.split("/") if relative_dir else ():
+            walked = os.path.join(walked, part)
+            try:
+                child = _open_child(fd, part, create, walked)
+            except OSError as exc:
+                exc.filename = walked
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_child(parent: int, name: str, create: bool, path: str) -> int:
+    while True:
+        try:
+            return os.open(name, _OPEN_DIRECTORY, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as exc:  # ENOTDIR, or ELOOP: a symlink, or not a directory at all
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode) or stat.S_ISDIR(mode):  # a directory now: a symlink just now
+                raise _Symlinked(path) from None
+            raise
+        try:
+            os.mkdir(name, 0o777, dir_fd=parent)
+        except FileExistsError:
+            continue  # made by another process meanwhile
+        os.fsync(parent)
+
+
+_OPEN_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_OPEN_DIRECTORY = _OPEN_ROOT | os.O_NOFOLLOW
+
+
+def _remove_partials(dir_fd: int, base: str) -> None:
     """Temporary files of earlier, crashed attempts; only called while holding the lock."""
     prefix = f".{base}.partial."
-    for entry in os.listdir(dest_dir):
+    for entry in os.listdir(dir_fd):
         if entry.startswith(prefix):
-            os.unlink(os.path.join(dest_dir, entry))
+            os.unlink(entry, dir_fd=dir_fd)
 
 
-def _check_identical(final: str, spec: PublishSpec, progress: Progress) -> None:
-    """Refuse, naming ``final``, unless it is a regular file with the package's bytes."""
-    st = os.lstat(final)
+def _identity(st: os.stat_result) -> FileIdentity:
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def _open_temporary(path: str, identity: FileIdentity, dir_fd: int | None = None) -> int:
+    """The temporary archive at ``path`` (its name in ``dir_fd`` if given), open for reading,
+    if it is still the file with ``identity``."""
+    fd = _open_nofollow(path, dir_fd)
+    try:
+        _check_identity(path, fd, identity)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_nofollow(path: str, dir_fd: int | None = None) -> int:
+    """``path`` (its name in ``dir_fd`` if given) open for reading; a symlink is refused."""
+    name = path if dir_fd is None else os.path.basename(path)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise AgentError("verification", f"{path} is a symlink, not the build's file") from None
+    return fd
+
+
+def _check_identity(path: str, fd: int, identity: FileIdentity) -> None:
+    """Refuse unless the file open as ``fd`` (at ``path``) is the one with ``identity``."""
+    found = _identity(os.fstat(fd))
+    if found != identity:
+        changed = ", ".join(
+            f"{key} {identity[key]} -> {found[key]}"  # type: ignore[literal-required]
+            for key in found
+            if found[key] != identity[key]  # type: ignore[literal-required]
+        )
+        raise AgentError(
+            "verification",
+            f"{path} is not the file the build wrote and hashed ({changed}): replaced or "
+            "changed since; nothing published",
+        )
+
+
+def _archive_mode(mode: int | None) -> int:
+    """The permission bits of a published archive: ``mode`` if set, else what the process's
+    umask leaves of 0o666, as for any file it creates."""
+    if mode is not None:
+        return int(mode) & 0o777
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The umask, read without changing it: os.umask sets one, which the other threads of an
+    in-process agent would see. Only where the kernel does not show it (before Linux 4.7) is
+    it set and set back, restrictive for that instant."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _check_identical(dir_fd: int, final: str, spec: PublishSpec, progress: Progress) -> None:
+    """Refuse, naming ``final`` (in ``dir_fd``), unless it is a regular file with the
+    package's bytes."""
+    st = os.stat(os.path.basename(final), dir_fd=dir_fd, follow_symlinks=False)
     advice = "it was left untouched; move it away if it is not needed, then requeue"
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a symlink")
+        kinds = (*_KINDS, (stat.S_ISLNK, "a symlink"))
+        kind = next((name for test, name in kinds if test(st.st_mode)), "of an unknown kind")
         raise AgentError("exists", f"{final} is already there and is {kind}; {advice}")
     if (
         st.st_size == int(spec["size"])
-        and _hash_file(final, ALGORITHM, progress)[1] == spec["checksum"]
+        and _hash_file(dir_fd, final, ALGORITHM, progress)[1] == spec["checksum"]
     ):
         return
     raise AgentError(
@@ -893,11 +1205,12 @@ def _check_identical(final: str, spec: PublishSpec, progress: Progress) -> None:
     )
 
 
-def _hash_file(path: str, algorithm: str, progress: Progress) -> tuple[int, str]:
-    """Size and hex digest of a file, read once sequentially in large blocks."""
+def _hash_file(dir_fd: int, path: str, algorithm: str, progress: Progress) -> tuple[int, str]:
+    """Size and hex digest of the file ``path`` (its name in ``dir_fd``), read once
+    sequentially in large blocks."""
     digest = hashlib.new(algorithm)
     size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     with open(fd, "rb", buffering=0) as handle:
         _advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         block = memoryview(bytearray(HASH_BLOCK))
@@ -908,21 +1221,13 @@ def _hash_file(path: str, algorithm: str, progress: Progress) -> tuple[int, str]
     return size, digest.hexdigest()
 
 
-def _remove(path: str) -> bool:
-    """Unlink ``path``; False if it was gone already."""
+def _remove(name: str, dir_fd: int) -> bool:
+    """Unlink ``name`` in ``dir_fd``; False if it was gone already."""
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     return True
-
-
-def _fsync_directory(path: str) -> None:
-    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _write_predicted(
