@@ -62,6 +62,15 @@ def test_no_active_buffer_is_an_error_naming_the_site(world) -> None:
 # --- failover without Dagster ------------------------------------------------------------------
 
 
+@pytest.fixture
+def no_known_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty known-hosts file of the service's own: the hosts here never answer, so none
+    is known (a missing file would be refused before any connection is tried)."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.touch(mode=0o600)
+    monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(known_hosts))
+
+
 def _endpoint(location_id: int, name: str, host: str, root: Path, port: int = 22) -> Endpoint:
     root.mkdir(parents=True, exist_ok=True)
     return Endpoint(location_id, name, host, "root", port, str(root))
@@ -72,7 +81,9 @@ def _plan(source: Endpoint, tmp_path: Path) -> PackagePlan:
     return PackagePlan(1, "pkg", "grp", 1, "site/eou1/pkg.tar", source, 1, (("a.dat", 3000),))
 
 
-def test_an_unreachable_buffer_host_is_passed_over_for_the_next_buffer(tmp_path: Path) -> None:
+def test_an_unreachable_buffer_host_is_passed_over_for_the_next_buffer(
+    tmp_path: Path, no_known_hosts: None
+) -> None:
     source = _endpoint(1, "src", "localhost", tmp_path / "src")
     closed = _endpoint(2, "far", "127.0.0.6", tmp_path / "far", free_port("127.0.0.6"))
     spare = _endpoint(3, "spare", "localhost", tmp_path / "spare")
@@ -90,7 +101,9 @@ def test_an_unreachable_buffer_host_is_passed_over_for_the_next_buffer(tmp_path:
     assert why.startswith("buffer far unusable:") and "127.0.0.6" in why
 
 
-def test_no_reachable_buffer_is_retryable_not_a_lack_of_space(tmp_path: Path) -> None:
+def test_no_reachable_buffer_is_retryable_not_a_lack_of_space(
+    tmp_path: Path, no_known_hosts: None
+) -> None:
     """The only buffer's host is down: the package waits for it through the op retries
     instead of failing for good as if the buffer were full."""
     source = _endpoint(1, "src", "localhost", tmp_path / "src")
@@ -103,7 +116,9 @@ def test_no_reachable_buffer_is_retryable_not_a_lack_of_space(tmp_path: Path) ->
     assert len(passed) == 1 and leftovers(tmp_path / "far") == []
 
 
-def test_an_unreachable_source_host_is_not_a_reason_to_fail_over(tmp_path: Path) -> None:
+def test_an_unreachable_source_host_is_not_a_reason_to_fail_over(
+    tmp_path: Path, no_known_hosts: None
+) -> None:
     source = _endpoint(1, "src", "127.0.0.7", tmp_path / "src", free_port("127.0.0.7"))
     first = _endpoint(2, "buf", "localhost", tmp_path / "buf")
     spare = _endpoint(3, "spare", "localhost", tmp_path / "spare")
