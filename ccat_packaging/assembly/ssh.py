@@ -118,7 +118,8 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
         raise HostKeyError(
             f"{self._where}: host {hostname} offered {fingerprint(key)}, which is not in the "
             f"known hosts file {self._known_hosts}; refusing to connect. Add the host's key "
-            "there (ssh-keyscan, checked against the host), or set trust_unknown_hosts"
+            "there (ssh-keyscan, checked against the host), or set "
+            "CCAT_SSH_TRUST_UNKNOWN_HOSTS=1 to pin it on first use"
         )
 
 
