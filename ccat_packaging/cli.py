@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from ccat_packaging import operations, settings
 from ccat_packaging.db import failure, make_engine, redacted, session_scope
 from ccat_packaging.errors import PackagingError
-from ccat_packaging.models import Base
+from ccat_packaging.models import Base, Status
 
 
 def _init_db(_: argparse.Namespace) -> int:
@@ -51,6 +52,65 @@ def _status(_: argparse.Namespace) -> int:
         )
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(row.packages_by_status.items())) or "-"
         print(f"{row.location:<28} {row.files:>8} {row.bytes / 1e9:>10.3f} {age:>10}  {statuses}")
+    return 0
+
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> timedelta:
+    """``90m``, ``2h``, ``3d``: how operators say how long a package has been stuck."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90m, 2h or 3d")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def _size(size: int | None) -> str:
+    """Decimal units, as disks and tapes are sold: 1.3 GB."""
+    if size is None:
+        return "-"
+    value, units = float(size), ["B", "kB", "MB", "GB", "TB", "PB"]
+    while value >= 1000 and len(units) > 1:
+        value, units = value / 1000, units[1:]
+    return f"{size} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
+
+
+def _age(since: datetime, now: datetime) -> str:
+    seconds = max((now - since).total_seconds(), 0)
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _shortened(text: str, width: int) -> str:
+    """One line of at most ``width`` characters: reasons can be multi-line tracebacks."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _list(args: argparse.Namespace) -> int:
+    """Two or three lines per package, readable in 100 columns: the name last on its line so
+    it is never cut (operators copy it into ``requeue`` and ``verify``), and the path alone on
+    its line, whole, to be usable."""
+    with _ops_session() as session:
+        rows = operations.list_packages(
+            session, args.status, args.location, args.older_than, args.limit
+        )
+    now = datetime.now(UTC)
+    print(f"{'status':<11} {'files':>6} {'size':>9} {'age':>6}  {'checksum':<20}  name")
+    for row in rows:
+        checksum = f"{row.algorithm or 'sha256'}:{row.checksum[:12]}…" if row.checksum else "-"
+        print(
+            f"{row.status:<11} {row.files:>6} {_size(row.size):>9} {_age(row.updated_at, now):>6}"
+            f"  {checksum:<20}  {row.name}"
+        )
+        print(f"    at {row.buffer_path or '-'}")
+        if row.failure_reason:
+            print(f"    reason: {_shortened(row.failure_reason, 88)}")
+    print(f"{len(rows)} package(s); age is the time since the package last changed")
     return 0
 
 
@@ -117,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "status", help="backlog per location, oldest unpackaged file, packages by status"
     ).set_defaults(handler=_status)
+    listing = commands.add_parser(
+        "list", help="packages with their files, size, checksum, buffer path, failure and age"
+    )
+    listing.add_argument("--status", type=Status, choices=list(Status), help="only this status")
+    listing.add_argument(
+        "--location", help="only packages from this SOURCE or with a copy at this location"
+    )
+    listing.add_argument(
+        "--older-than", type=_duration, metavar="AGE", help="unchanged for at least 90m, 2h, 3d"
+    )
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.set_defaults(handler=_list)
     commands.add_parser(
         "dry-run", help="what the sensors would package now, changing nothing"
     ).set_defaults(handler=_dry_run)

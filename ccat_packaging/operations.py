@@ -7,7 +7,8 @@ a published package where it lies, on its buffer's host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import PurePosixPath
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -70,6 +71,97 @@ def backlog(session: Session) -> list[LocationBacklog]:
             )
         )
     return result
+
+
+@dataclass(frozen=True)
+class PackageListing:
+    """One package as an operator looks for it: what it holds, where it lies, why it failed."""
+
+    name: str
+    status: str
+    files: int
+    size: int | None
+    checksum: str | None
+    algorithm: str | None
+    buffer_path: str | None
+    failure_reason: str | None
+    updated_at: datetime
+
+
+def list_packages(
+    session: Session,
+    status: Status | None = None,
+    location: str | None = None,
+    older_than: timedelta | None = None,
+    limit: int = 100,
+) -> list[PackageListing]:
+    """Up to ``limit`` packages, oldest change first. ``location`` matches the SOURCE they
+    came from or a location holding a copy; ``older_than`` keeps those unchanged for at least
+    that long, so a package stuck in one state is found among thousands."""
+    files = (
+        select(RawDataFile.raw_data_package_id, func.count().label("n"))
+        .where(RawDataFile.raw_data_package_id.is_not(None))
+        .group_by(RawDataFile.raw_data_package_id)
+        .subquery()
+    )
+    query = (
+        select(RawDataPackage, func.coalesce(files.c.n, 0))
+        .outerjoin(files, files.c.raw_data_package_id == RawDataPackage.id)
+        .order_by(RawDataPackage.updated_at, RawDataPackage.id)
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(RawDataPackage.status == status)
+    if location is not None:
+        loc = session.scalars(select(DataLocation).where(DataLocation.name == location)).first()
+        if loc is None:
+            raise ConfigurationError(f"no location named {location!r}")
+        copy_here = select(RawDataPackagePhysicalCopy.raw_data_package_id).where(
+            RawDataPackagePhysicalCopy.data_location_id == loc.id
+        )
+        query = query.where(
+            (RawDataPackage.source_location_id == loc.id) | RawDataPackage.id.in_(copy_here)
+        )
+    if older_than is not None:
+        query = query.where(RawDataPackage.updated_at < datetime.now(UTC) - older_than)
+    rows = session.execute(query).all()
+    paths = _copy_paths(session, [package.id for package, _ in rows])
+    return [
+        PackageListing(
+            package.name,
+            package.status.value,
+            int(count),
+            package.size,
+            package.checksum,
+            package.checksum_algorithm,
+            paths.get(package.id),
+            package.failure_reason,
+            package.updated_at.replace(tzinfo=package.updated_at.tzinfo or UTC),
+        )
+        for package, count in rows
+    ]
+
+
+def _copy_paths(session: Session, package_ids: list[int]) -> dict[int, str]:
+    """Where each package's first present copy lies: its location's root joined with the
+    package's relative path."""
+    rows = session.execute(
+        select(RawDataPackage.id, DiskDataLocation.path, RawDataPackage.relative_path)
+        .join(
+            RawDataPackagePhysicalCopy,
+            RawDataPackagePhysicalCopy.raw_data_package_id == RawDataPackage.id,
+        )
+        .join(DiskDataLocation, DiskDataLocation.id == RawDataPackagePhysicalCopy.data_location_id)
+        .where(
+            RawDataPackage.id.in_(package_ids),
+            RawDataPackagePhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+        )
+        .order_by(DiskDataLocation.id)
+    ).all()
+    paths: dict[int, str] = {}
+    for pid, root, rel in rows:
+        paths.setdefault(pid, str(PurePosixPath(root) / rel))
+    return paths
 
 
 @dataclass(frozen=True)

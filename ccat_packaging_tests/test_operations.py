@@ -4,14 +4,16 @@ verifying a package at rest."""
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from sqlalchemy import select
 
 from ccat_packaging import operations
 from ccat_packaging.cli import main
-from ccat_packaging.models import LocationType, RawDataPackage, Status
+from ccat_packaging.models import DiskDataLocation, LocationType, RawDataPackage, Status
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
 
@@ -131,3 +133,57 @@ def test_verify_refuses_a_package_without_a_recorded_checksum(world, capsys) -> 
     )
     assert main(["verify", "nope"]) == 1
     assert "no package named 'nope'" in capsys.readouterr().out
+
+
+def test_list_shows_packages_of_every_status_and_filters_them(world, capsys) -> None:
+    done, tar = _completed_package(world)
+    with world.session() as s:
+        src = s.scalars(select(DiskDataLocation).where(DiskDataLocation.name == "src")).one().id
+    lost = world.group(src)
+    world.file(lost, "lost.dat", write=False, size=1_300_000_000)  # filed, missing on disk
+    with dg.instance_for_test() as instance:
+        assert not run_partition(instance, f"src__eou{lost.eou_id}__mod{lost.module_id}").success
+    with world.session() as s:
+        failed = s.scalars(select(RawDataPackage).where(RawDataPackage.name != done.name)).one()
+        failed.failure_reason = "source file missing: " + "x" * 200 + "\nsecond line"
+        failed.updated_at = datetime.now(UTC) - timedelta(days=3)
+        pending = world.group(src)
+        s.add(
+            RawDataPackage(
+                name="src__pending__part001",
+                relative_path="src/pending.tar",
+                source_location_id=src,
+                executed_obs_unit_id=pending.eou_id,
+                instrument_module_id=pending.module_id,
+            )
+        )
+        failed_name = failed.name
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    # Only a path, which must stay whole to be usable, may be wider than 100 columns.
+    assert max(len(line) for line in lines if not line.startswith("    at ")) <= 100
+    assert lines[0].split() == ["status", "files", "size", "age", "checksum", "name"]
+    # Oldest change first: the failed one, stuck for three days.
+    assert lines[1].split() == ["failed", "1", "-", "3.0d", "-", failed_name]
+    assert lines[2] == "    at -"
+    assert lines[3].startswith("    reason: source file missing: xxx") and lines[3].endswith("…")
+    assert done.checksum is not None and done.size is not None
+    assert f"sha256:{done.checksum[:12]}…" in out and f"    at {tar}" in out
+    assert f"1 {done.size / 1000:.1f} kB" in " ".join(out.split())
+    assert "src__pending__part001" in out and "3 package(s)" in out
+
+    def names(*args: str) -> set[str]:
+        assert main(["list", *args]) == 0
+        listed = capsys.readouterr().out.splitlines()[1:-1]
+        return {line.split()[-1] for line in listed if not line.startswith(" ")}
+
+    assert names("--status", "failed") == {failed_name}
+    assert names("--status", "completed", "--location", "src") == {done.name}
+    assert names("--location", "buf") == {done.name}
+    assert names("--older-than", "2d") == {failed_name}
+    assert names("--older-than", "90m", "--status", "pending") == set()
+    assert main(["list", "--location", "nope"]) == 1
+    assert "no location named 'nope'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["list", "--older-than", "soon"])
