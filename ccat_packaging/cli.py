@@ -119,9 +119,12 @@ def _dry_run(_: argparse.Namespace) -> int:
         rows = operations.dry_run(session)
     for row in rows:
         target = f"-> buffer {row.buffer}" if row.buffer else f"ERROR: {row.problem}"
-        print(f"{row.location}: {len(row.groups)} group(s) {target}")
+        resumes = f", {len(row.resumes)} package(s) to resume" if row.resumes else ""
+        print(f"{row.location}: {len(row.groups)} group(s){resumes} {target}")
         for key, files, size in row.groups:
             print(f"  {key:<48} {files:>7} files {size / 1e9:>10.3f} GB")
+        for resume in row.resumes:
+            print(f"  resume {resume.package}\n    {resume.reason}")
     return 1 if any(r.problem for r in rows) else 0
 
 

@@ -259,6 +259,10 @@ class StalePackage:
     key: GroupKey
     package_id: int
     heartbeat_at: datetime
+    name: str
+    # None: no run holds it (requeued, or released by an interrupted step); else the run
+    # whose heartbeat stopped.
+    lease_owner: str | None
 
 
 def packages_needing_a_run(
@@ -274,6 +278,8 @@ def packages_needing_a_run(
             RawDataPackage.executed_obs_unit_id,
             RawDataPackage.instrument_module_id,
             RawDataPackage.updated_at,
+            RawDataPackage.name,
+            RawDataPackage.lease_owner,
         )
         .where(
             RawDataPackage.source_location_id == location_id,
@@ -282,4 +288,7 @@ def packages_needing_a_run(
         )
         .order_by(RawDataPackage.updated_at)
     ).all()
-    return [StalePackage(GroupKey(slug, eou, mod), pid, _aware(at)) for pid, eou, mod, at in rows]
+    return [
+        StalePackage(GroupKey(slug, eou, mod), pid, _aware(at), name, owner)
+        for pid, eou, mod, at, name, owner in rows
+    ]

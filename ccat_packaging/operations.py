@@ -16,7 +16,12 @@ from sqlalchemy.orm import Session
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import Hosts
 from ccat_packaging.buffer_choice import primary_buffer
-from ccat_packaging.discovery import source_locations, unpackaged_groups
+from ccat_packaging.discovery import (
+    StalePackage,
+    packages_needing_a_run,
+    source_locations,
+    unpackaged_groups,
+)
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.models import (
     DataLocation,
@@ -28,7 +33,7 @@ from ccat_packaging.models import (
     Status,
 )
 from ccat_packaging.plans import Endpoint
-from ccat_packaging.registration import reset_failed
+from ccat_packaging.registration import reset_failed, stale_cutoff
 
 
 @dataclass(frozen=True)
@@ -165,15 +170,34 @@ def _copy_paths(session: Session, package_ids: list[int]) -> dict[int, str]:
 
 
 @dataclass(frozen=True)
+class DryRunResume:
+    """An unfinished package the sensor would request a run of its group for, and why."""
+
+    key: str
+    package: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class DryRunLocation:
     location: str
     buffer: str | None
     problem: str | None
     groups: list[tuple[str, int, int]]
+    resumes: list[DryRunResume]
+
+
+def _why_it_needs_a_run(package: StalePackage, now: datetime) -> str:
+    if package.lease_owner is None:
+        return "no run holds it: requeued by an operator, or released by an interrupted step"
+    minutes = (now - package.heartbeat_at).total_seconds() / 60
+    return f"its run's heartbeat stopped {minutes:.0f} min ago (lease {package.lease_owner})"
 
 
 def dry_run(session: Session, limit: int = 1000) -> list[DryRunLocation]:
-    """What each location's sensor would request from scratch, without changing anything."""
+    """What each location's sensor would request from scratch, without changing anything: runs
+    for unpackaged files' groups, and for unfinished packages no live run holds (the same
+    ``packages_needing_a_run`` the sensor asks)."""
     result = []
     for ref in source_locations(session):
         location = session.get_one(DataLocation, ref.id)
@@ -183,12 +207,15 @@ def dry_run(session: Session, limit: int = 1000) -> list[DryRunLocation]:
         except ConfigurationError as exc:
             buffer, problem = None, str(exc)
         groups = unpackaged_groups(session, ref.id, None, limit)
+        stale = packages_needing_a_run(session, ref.id, older_than=stale_cutoff())
+        now = datetime.now(UTC)
         result.append(
             DryRunLocation(
                 ref.name,
                 buffer,
                 problem,
                 [(str(g.key), g.file_count, g.total_bytes) for g in groups],
+                [DryRunResume(str(p.key), p.name, _why_it_needs_a_run(p, now)) for p in stale],
             )
         )
     return result

@@ -40,6 +40,44 @@ def test_status_and_dry_run_report_the_backlog_without_changing_it(world, capsys
         assert s.query(RawDataPackage).count() == 0
 
 
+def test_dry_run_names_the_packages_a_sensor_would_resume_and_why(world, capsys) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    requeued, died, live = world.group(src), world.group(src), world.group(src)
+    with world.session() as s:
+        for group, status, owner, age in [
+            (requeued, Status.PENDING, None, timedelta(0)),
+            (died, Status.IN_PROGRESS, "run-dead", timedelta(hours=2)),
+            (live, Status.IN_PROGRESS, "run-live", timedelta(0)),
+        ]:
+            s.add(
+                RawDataPackage(
+                    name=f"src__eou{group.eou_id}__mod{group.module_id}__part001",
+                    relative_path="x.tar",
+                    status=status,
+                    lease_owner=owner,
+                    updated_at=datetime.now(UTC) - age,
+                    source_location_id=src,
+                    executed_obs_unit_id=group.eou_id,
+                    instrument_module_id=group.module_id,
+                )
+            )
+    assert main(["dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "src: 0 group(s), 2 package(s) to resume -> buffer buf" in out
+    assert (
+        f"  resume src__eou{requeued.eou_id}__mod{requeued.module_id}__part001\n"
+        "    no run holds it: requeued by an operator, or released by an interrupted step\n"
+    ) in out
+    assert (
+        f"  resume src__eou{died.eou_id}__mod{died.module_id}__part001\n"
+        "    its run's heartbeat stopped 120 min ago (lease run-dead)\n"
+    ) in out
+    assert f"eou{live.eou_id}" not in out  # its run is alive
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
 def test_dry_run_names_a_missing_buffer(world, capsys) -> None:
     site = world.site()
     world.file(world.group(world.location(site, "src", LocationType.SOURCE)), "a.dat")
