@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ccat_packaging import operations, settings
+from ccat_packaging import names, operations, settings
 from ccat_packaging.db import failure, make_engine, redacted, session_scope
 from ccat_packaging.errors import PackagingError
 from ccat_packaging.models import Base, Status
@@ -133,11 +135,69 @@ def _requeue(args: argparse.Namespace) -> int:
         print("say which: --package NAME, --location NAME or --all")
         return 2
     with _ops_session() as session:
-        names = operations.requeue_failed(session, args.package, args.location)
-    for name in names:
-        print(f"requeued {name}")
-    print(f"{len(names)} package(s) requeued; the location sensors start their runs")
+        requeued = operations.requeue_failed(session, args.package, args.location)
+    if not requeued:
+        scope = f"at location {args.location!r}" if args.location else "anywhere"
+        print(
+            f"nothing requeued: no package {scope} is failed "
+            "(`ccat-packaging list --status failed` shows which are)"
+        )
+        return 0
+    for package in requeued:
+        print(f"requeued {package.name}")
+    print(f"{len(requeued)} package(s) requeued: pending, retry count 0")
+    by_location: dict[str, list[str]] = {}
+    for package in requeued:
+        keys = by_location.setdefault(package.location_slug, [])
+        if package.key not in keys:
+            keys.append(package.key)
+    sensors = _sensor_states()
+    for slug, keys in by_location.items():
+        print(_what_happens_next(slug, keys, sensors))
     return 0
+
+
+@dataclass(frozen=True)
+class _Sensors:
+    """What the Dagster instance says: which sensors are started, whether a daemon ticks."""
+
+    started: set[str]
+    daemon_running: bool
+
+
+def _sensor_states() -> _Sensors | str:
+    """The sensors' states from the Dagster instance at DAGSTER_HOME, or why they cannot be
+    told. Our sensors default to stopped, so only a stored RUNNING counts as started."""
+    if not os.environ.get("DAGSTER_HOME"):
+        return "DAGSTER_HOME is not set, so whether the sensor is started cannot be told"
+    from dagster import DagsterInstance
+    from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
+
+    try:
+        with DagsterInstance.get() as instance:
+            states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+            daemon = instance.get_daemon_statuses(["SENSOR"])["SENSOR"].healthy
+    except Exception as exc:  # the requeue is committed: say why we cannot tell, not crash
+        return f"the Dagster instance at DAGSTER_HOME cannot be read ({type(exc).__name__})"
+    started = {s.instigator_name for s in states if s.status == InstigatorStatus.RUNNING}
+    return _Sensors(started, bool(daemon))
+
+
+def _what_happens_next(slug: str, keys: list[str], sensors: _Sensors | str) -> str:
+    """The truth about who starts the runs: the sensor only if it is started and a daemon
+    ticks it; otherwise the backfill command that starts them now."""
+    sensor = names.sensor_name(slug)
+    backfill = (
+        f"  dagster job backfill -j {names.job_name(slug)} --partitions {','.join(keys)} "
+        "-l ccat_packaging -w workspace.yaml --noprompt"
+    )
+    if isinstance(sensors, str):
+        return f"{sensors}; if it is, its next tick requests the runs, else run:\n{backfill}"
+    if sensor not in sensors.started:
+        return f"sensor {sensor} is stopped: no run starts by itself; start it, or run:\n{backfill}"
+    if not sensors.daemon_running:
+        return f"sensor {sensor} is started but no dagster-daemon ticks it; run:\n{backfill}"
+    return f"sensor {sensor} is running: its next tick requests a run per group"
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -17,7 +17,9 @@ from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import Hosts
 from ccat_packaging.buffer_choice import primary_buffer
 from ccat_packaging.discovery import (
+    GroupKey,
     StalePackage,
+    location_slug,
     packages_needing_a_run,
     source_locations,
     unpackaged_groups,
@@ -221,11 +223,21 @@ def dry_run(session: Session, limit: int = 1000) -> list[DryRunLocation]:
     return result
 
 
+@dataclass(frozen=True)
+class Requeued:
+    """A package taken back, with the group (partition) a run must be launched for."""
+
+    name: str
+    location_slug: str
+    key: str
+
+
 def requeue_failed(
     session: Session, package: str | None = None, location: str | None = None
-) -> list[str]:
-    """Failed packages back to ``pending`` with a fresh retry budget; the location's sensor
-    starts a run for each on its next tick. Returns the names requeued."""
+) -> list[Requeued]:
+    """Failed packages back to ``pending`` with a fresh retry budget; a run of each one's
+    group builds it (the location's sensor requests it if started, or a backfill). Returns
+    those requeued, by name."""
     conditions = []
     if package is not None:
         conditions.append(RawDataPackage.name == package)
@@ -239,7 +251,22 @@ def requeue_failed(
     names = reset_failed(session, *conditions, owner=None)
     if package is not None and not names:
         raise ConfigurationError(f"no failed package named {package!r}")
-    return names
+    rows = session.execute(
+        select(
+            RawDataPackage.name,
+            DataLocation.name,
+            RawDataPackage.executed_obs_unit_id,
+            RawDataPackage.instrument_module_id,
+        )
+        .join(DataLocation, DataLocation.id == RawDataPackage.source_location_id)
+        .where(RawDataPackage.name.in_(names))
+        .order_by(RawDataPackage.name)
+    ).all()
+    return [
+        Requeued(name, slug, str(GroupKey(slug, eou, mod)))
+        for name, loc_name, eou, mod in rows
+        for slug in [location_slug(loc_name)]
+    ]
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,19 @@ verifying a package at rest."""
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.remote_origin import (
+    InProcessCodeLocationOrigin,
+    LoadableTargetOrigin,
+    RemoteRepositoryOrigin,
+)
+from dagster._core.scheduler.instigation import InstigatorState, InstigatorStatus, InstigatorType
+from dagster._daemon.types import DaemonHeartbeat
 from sqlalchemy import select
 
 from ccat_packaging import operations
@@ -122,6 +130,92 @@ def test_requeue_refuses_unknown_names(world, capsys) -> None:
     assert "no failed package named 'nope'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["requeue", "--bogus"])
+
+
+def _failed_package(world, monkeypatch, tmp_path: Path) -> str:
+    """A failed package at ``src`` and a fresh Dagster instance at DAGSTER_HOME."""
+    src = world.location(world.site(), "src", LocationType.SOURCE)
+    group = world.group(src)
+    with world.session() as s:
+        s.add(
+            RawDataPackage(
+                name=f"{group_key(group)}__part001",
+                relative_path="x.tar",
+                status=Status.FAILED,
+                failure_reason="gave up after 4 attempts: HostUnreachableError",
+                source_location_id=src,
+                executed_obs_unit_id=group.eou_id,
+                instrument_module_id=group.module_id,
+            )
+        )
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    return group_key(group)
+
+
+def group_key(group) -> str:
+    return f"src__eou{group.eou_id}__mod{group.module_id}"
+
+
+def _start_sensor(name: str) -> None:
+    """What the UI's toggle stores."""
+    with dg.DagsterInstance.get() as instance:
+        origin = RemoteRepositoryOrigin(
+            InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="ccat_packaging")),
+            "__repository__",
+        ).get_instigator_origin(name)
+        instance.add_instigator_state(
+            InstigatorState(origin, InstigatorType.SENSOR, InstigatorStatus.RUNNING)
+        )
+
+
+def _daemon_heartbeat() -> None:
+    """What a running dagster-daemon writes."""
+    with dg.DagsterInstance.get() as instance:
+        instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", None, None))
+
+
+def test_requeue_says_who_starts_the_runs(world, monkeypatch, tmp_path, capsys) -> None:
+    key = _failed_package(world, monkeypatch, tmp_path)
+    backfill = (
+        f"  dagster job backfill -j package_src --partitions {key} -l ccat_packaging "
+        "-w workspace.yaml --noprompt\n"
+    )
+    assert main(["requeue", "--all"]) == 0
+    assert capsys.readouterr().out == (
+        f"requeued {key}__part001\n1 package(s) requeued: pending, retry count 0\n"
+        "sensor package_src_sensor is stopped: no run starts by itself; start it, or run:\n"
+        + backfill
+    )
+    assert main(["requeue", "--all"]) == 0
+    assert capsys.readouterr().out == (
+        "nothing requeued: no package anywhere is failed "
+        "(`ccat-packaging list --status failed` shows which are)\n"
+    )
+    assert main(["requeue", "--location", "src"]) == 0
+    assert "nothing requeued: no package at location 'src' is failed" in capsys.readouterr().out
+    with world.session() as s:
+        s.query(RawDataPackage).update({"status": Status.FAILED})
+    _start_sensor("package_src_sensor")
+    assert main(["requeue", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "sensor package_src_sensor is started but no dagster-daemon ticks it; run:\n" in out
+    assert out.endswith(backfill)
+    with world.session() as s:
+        s.query(RawDataPackage).update({"status": Status.FAILED})
+    _daemon_heartbeat()
+    assert main(["requeue", "--all"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "sensor package_src_sensor is running: its next tick requests a run per group\n"
+    )
+    with world.session() as s:
+        s.query(RawDataPackage).update({"status": Status.FAILED})
+    monkeypatch.delenv("DAGSTER_HOME")
+    assert main(["requeue", "--all"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "DAGSTER_HOME is not set, so whether the sensor is started cannot be told; if it is, "
+        "its next tick requests the runs, else run:\n" + backfill
+    )
 
 
 def _completed_package(world) -> tuple[RawDataPackage, Path]:
