@@ -5,24 +5,26 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ccat_packaging import names, operations, settings
 from ccat_packaging.db import failure, make_engine, redacted, session_scope
-from ccat_packaging.errors import PackagingError
+from ccat_packaging.errors import ConfigurationError, PackagingError
 from ccat_packaging.models import Base, Status
 
 
 def _init_db(_: argparse.Namespace) -> int:
     """Create missing tables (embedded or scratch databases; production has its own schema)."""
-    url = settings.ops_db_url()
+    url = _database_url(creates=True)
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     engine.dispose()
@@ -30,10 +32,47 @@ def _init_db(_: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(creates: bool) -> str:
+    """CCAT_OPS_DB_URL, else the default file, else (after ``make demo``, when the default
+    does not exist) the demo's, said in one line. A command that only reads refuses a missing
+    SQLite file rather than create an empty database and report that it is empty."""
+    url = settings.ops_db_url()
+    if creates or not _sqlite_file_missing(url):
+        return url
+    demo = _demo_db()
+    if not os.environ.get(settings.OPS_DB_URL_ENV) and demo.is_file():
+        print(
+            f"{settings.OPS_DB_URL_ENV} is unset and {url} does not exist: using the demo's "
+            f"sqlite:///{demo}",
+            file=sys.stderr,
+        )
+        return f"sqlite:///{demo}"
+    raise ConfigurationError(
+        f"operations database {redacted(url)} does not exist; set {settings.OPS_DB_URL_ENV} "
+        f"(after `make demo`: sqlite:///{demo}) or create it with `ccat-packaging init-db`"
+    )
+
+
+def _demo_db() -> Path:
+    """Where `make demo` (DEMO_ROOT's default) keeps its operations database."""
+    return Path.cwd() / ".ccat" / "demo" / "ops_db.sqlite"
+
+
+def _sqlite_file_missing(url: str) -> bool:
+    parsed = make_url(url)
+    database = parsed.database or ""
+    return (
+        parsed.get_backend_name() == "sqlite"
+        and database not in ("", ":memory:")
+        and not database.startswith("file:")
+        and not Path(database).exists()
+    )
+
+
 @contextmanager
 def _ops_session() -> Iterator[Session]:
-    """One transaction on CCAT_OPS_DB_URL; the engine is closed with it."""
-    engine = make_engine(settings.ops_db_url())
+    """One transaction on the operations database; the engine is closed with it."""
+    engine = make_engine(_database_url(creates=False))
     try:
         with session_scope(engine) as session:
             yield session
@@ -226,7 +265,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ccat-packaging")
+    parser = argparse.ArgumentParser(
+        prog="ccat-packaging",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the paths whole
+        epilog=f"{settings.OPS_DB_URL_ENV}: the operations database\n"
+        f"  default: {settings.default_ops_db_url()}\n"
+        f"  when that file is missing, after `make demo`: sqlite:///{_demo_db()}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo_cmd = commands.add_parser("demo", help="package demo files end to end (SQLite, local)")
     demo_cmd.add_argument("--root", default=".ccat/demo", help="where the demo keeps its data")

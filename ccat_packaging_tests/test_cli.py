@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from ccat_packaging.cli import _duration, _size, main
+from ccat_packaging.db import make_engine
+from ccat_packaging.models import Base
 
 SECRET = "s3cr3t"
 COMMANDS = [["init-db"], ["status"], ["list"], ["dry-run"], ["requeue", "--all"], ["verify", "pkg"]]
@@ -60,3 +63,58 @@ def test_durations_are_minutes_hours_or_days() -> None:
     assert _duration("1.5d") == timedelta(hours=36)
     with pytest.raises(argparse.ArgumentTypeError, match="not a duration like 90m, 2h or 3d"):
         _duration("2 weeks")
+
+
+def test_help_names_the_database_setting_and_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.endswith(
+        "CCAT_OPS_DB_URL: the operations database\n"
+        f"  default: sqlite:///{tmp_path}/.ccat/ops_db.sqlite\n"
+        f"  when that file is missing, after `make demo`: sqlite:///{tmp_path}/.ccat/demo/"
+        "ops_db.sqlite\n"
+    )
+
+
+def test_reading_a_missing_database_is_one_line_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CCAT_OPS_DB_URL", raising=False)
+    for command in (["status"], ["list"], ["dry-run"], ["requeue", "--all"], ["verify", "p"]):
+        assert main(command) == 1
+        assert capsys.readouterr().out == (
+            f"error: operations database sqlite:///{tmp_path}/.ccat/ops_db.sqlite does not "
+            "exist; set CCAT_OPS_DB_URL (after `make demo`: "
+            f"sqlite:///{tmp_path}/.ccat/demo/ops_db.sqlite) or create it with "
+            "`ccat-packaging init-db`\n"
+        )
+    assert not (tmp_path / ".ccat").exists()
+    monkeypatch.setenv("CCAT_OPS_DB_URL", f"sqlite:///{tmp_path}/elsewhere.sqlite")
+    assert main(["list"]) == 1
+    assert f"{tmp_path}/elsewhere.sqlite does not exist" in capsys.readouterr().out
+    assert main(["init-db"]) == 0 and main(["list"]) == 0
+
+
+def test_after_the_demo_the_command_finds_its_database_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CCAT_OPS_DB_URL", raising=False)
+    demo = tmp_path / ".ccat" / "demo" / "ops_db.sqlite"
+    demo.parent.mkdir(parents=True)
+    engine = make_engine(f"sqlite:///{demo}")
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    assert main(["list"]) == 0
+    out, err = capsys.readouterr()
+    assert err == (
+        f"CCAT_OPS_DB_URL is unset and sqlite:///{tmp_path}/.ccat/ops_db.sqlite does not "
+        f"exist: using the demo's sqlite:///{demo}\n"
+    )
+    assert "0 package(s)" in out
+    assert main(["init-db"]) == 0  # creating is never redirected to the demo's database
+    assert f"tables ready in sqlite:///{tmp_path}/.ccat/ops_db.sqlite" in capsys.readouterr().out
