@@ -46,7 +46,9 @@ def _database_url(creates: bool) -> str:
             f"sqlite:///{demo}",
             file=sys.stderr,
         )
-        return f"sqlite:///{demo}"
+        # For the rest of this process, as the demo itself does: errors then name this one.
+        os.environ[settings.OPS_DB_URL_ENV] = f"sqlite:///{demo}"
+        return settings.ops_db_url()
     raise ConfigurationError(
         f"operations database {redacted(url)} does not exist; set {settings.OPS_DB_URL_ENV} "
         f"(after `make demo`: sqlite:///{demo}) or create it with `ccat-packaging init-db`"
@@ -151,7 +153,8 @@ def _list(args: argparse.Namespace) -> int:
         print(f"    at {row.buffer_path or '-'}")
         if row.failure_reason:
             print(f"    reason: {_shortened(row.failure_reason, 88)}")
-    print(f"{len(rows)} package(s); age is the time since the package last changed")
+    more = f" (the first {args.limit}: --limit)" if len(rows) == args.limit else ""
+    print(f"{len(rows)} package(s){more}; age is the time since the package last changed")
     return 0
 
 

@@ -116,5 +116,6 @@ def test_after_the_demo_the_command_finds_its_database_and_says_so(
         f"exist: using the demo's sqlite:///{demo}\n"
     )
     assert "0 package(s)" in out
+    monkeypatch.delenv("CCAT_OPS_DB_URL")  # what the fallback set for the rest of main
     assert main(["init-db"]) == 0  # creating is never redirected to the demo's database
     assert f"tables ready in sqlite:///{tmp_path}/.ccat/ops_db.sqlite" in capsys.readouterr().out

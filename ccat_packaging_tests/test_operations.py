@@ -311,6 +311,8 @@ def test_list_shows_packages_of_every_status_and_filters_them(world, capsys) -> 
         return {line.split()[-1] for line in listed if not line.startswith(" ")}
 
     assert names("--status", "failed") == {failed_name}
+    assert main(["list", "--limit", "1"]) == 0
+    assert "1 package(s) (the first 1: --limit); age" in capsys.readouterr().out
     assert names("--status", "completed", "--location", "src") == {done.name}
     assert names("--location", "buf") == {done.name}
     assert names("--older-than", "2d") == {failed_name}
