@@ -61,6 +61,8 @@ def _demo_db() -> Path:
 
 
 def _sqlite_file_missing(url: str) -> bool:
+    """SQLite creates a missing file on connecting; in-memory and ``file:`` URI databases are
+    left to it."""
     parsed = make_url(url)
     database = parsed.database or ""
     return (

@@ -262,11 +262,11 @@ def requeue_failed(
         .where(RawDataPackage.name.in_(names))
         .order_by(RawDataPackage.name)
     ).all()
-    return [
-        Requeued(name, slug, str(GroupKey(slug, eou, mod)))
-        for name, loc_name, eou, mod in rows
-        for slug in [location_slug(loc_name)]
-    ]
+    requeued = []
+    for name, location_name, eou, mod in rows:
+        slug = location_slug(location_name)
+        requeued.append(Requeued(name, slug, str(GroupKey(slug, eou, mod))))
+    return requeued
 
 
 @dataclass(frozen=True)
