@@ -215,7 +215,10 @@ def _sensor_states() -> _Sensors | str:
     if not os.environ.get("DAGSTER_HOME"):
         return "DAGSTER_HOME is not set, so whether the sensor is started cannot be told"
     from dagster import DagsterInstance
-    from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
+    from dagster._core.scheduler.instigation import (  # no public name for these (1.13)
+        InstigatorStatus,
+        InstigatorType,
+    )
 
     try:
         with DagsterInstance.get() as instance:
