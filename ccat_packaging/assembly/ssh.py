@@ -93,14 +93,14 @@ class SshSettings:
     passphrase is left out of the repr, which logs and tracebacks show."""
 
     stall_seconds: float
-    key_filename: str | None = None
-    key_passphrase: str | None = field(default=None, repr=False)
-    known_hosts: str | None = None
-    trust_unknown_hosts: bool = False
-    connect_timeout: int = 15
+    key_filename: str | None
+    key_passphrase: str | None = field(repr=False)
+    known_hosts: str | None
+    trust_unknown_hosts: bool
+    connect_timeout: int
+    remote_python: str
+    remote_dir: str
     keepalive_seconds: int = 30
-    remote_python: str = "/usr/bin/python3"
-    remote_dir: str = ".cache/ccat-packaging"
 
 
 def fingerprint(key: paramiko.PKey) -> str:
