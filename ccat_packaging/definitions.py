@@ -15,6 +15,7 @@ from ccat_packaging.discovery import SourceLocationRef, sensor_name_clashes, sou
 from ccat_packaging.errors import ConfigurationError
 from ccat_packaging.jobs import build_package_job
 from ccat_packaging.maintenance import packaging_retention, packaging_retention_daily
+from ccat_packaging.monitoring import backlog_definitions
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
 from ccat_packaging.sensors import build_clash_sensor, build_source_location_sensor
 
@@ -49,7 +50,7 @@ def defs() -> dg.Definitions:
     clashes = sensor_name_clashes(locations)
     usable = [loc for loc in locations if loc.slug not in clashes]
     jobs = {location.slug: build_package_job(location) for location in usable}
-    return dg.Definitions(
+    packaging = dg.Definitions(
         jobs=[*jobs.values(), packaging_retention],
         schedules=[packaging_retention_daily],
         sensors=[
@@ -58,3 +59,4 @@ def defs() -> dg.Definitions:
         ],
         resources={"ops_db": OpsDatabase(), "assembly_hosts": AssemblyHosts()},
     )
+    return dg.Definitions.merge(packaging, backlog_definitions(usable))

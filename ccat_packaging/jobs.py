@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from ccat_packaging import failure_policy, names, op_failures, run_metadata, settings
+from ccat_packaging import failure_policy, influx, names, op_failures, run_metadata, settings
 from ccat_packaging.assembly import archive as assembly
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.buffer_choice import assemble_at_first_usable_buffer, buffer_candidates
@@ -146,6 +146,7 @@ def register_at_buffer(
         published = assembly.publish(assembly_hosts, plan, archive)
         with ops_db.session() as session:
             complete(session, plan.package_id, archive.buffer.location_id)
+    influx.record_completed(plan, archive, context.log.warning)
     final_path = published["path"]
     if published["adopted"]:
         context.log.info(f"{plan.name}: {final_path} already held this package's bytes; kept")

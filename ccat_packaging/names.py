@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the ccat-packaging command imports this module and must not load Dagster
+    import dagster as dg
 
 # The asset whose partitions (file groups) show every package's completions and failures.
 PACKAGES_ASSET = "raw_data_packages"
+# Per location, the backlog recorded every few minutes (numeric metadata the UI plots).
+BACKLOG_JOB = "record_backlog"
+BACKLOG_SCHEDULE = "record_backlog_every_5_minutes"
 
 # On every run of this code location (job tags are copied to runs): what run retention deletes.
 PIPELINE_TAG = "ccat/pipeline"
@@ -37,6 +44,12 @@ def job_name(location_slug: str) -> str:
 
 def sensor_name(location_slug: str) -> str:
     return f"package_{location_slug}_sensor"
+
+
+def backlog_asset(location_slug: str) -> dg.AssetKey:
+    import dagster as dg  # here, not at import: see TYPE_CHECKING above
+
+    return dg.AssetKey(["packaging_backlog", location_slug])
 
 
 def partitions_name(location_slug: str) -> str:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from ccat_packaging import failure_policy, names, run_metadata
+from ccat_packaging import failure_policy, influx, names, run_metadata
 from ccat_packaging.plans import PackagePlan
 from ccat_packaging.registration import lease_owner, release
 from ccat_packaging.resources import OpsDatabase
@@ -50,6 +50,7 @@ def handled(
         _discard(context, discard)
         metadata = run_metadata.failed(plan, verdict)
         if plan is not None:
+            influx.record_failed(plan, verdict, context.log.warning)
             context.log_event(
                 dg.AssetObservation(
                     asset_key=names.PACKAGES_ASSET,

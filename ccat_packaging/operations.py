@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from ccat_packaging.assembly import tar_agent
 from ccat_packaging.assembly.hosts import Hosts
-from ccat_packaging.buffer_choice import primary_buffer
+from ccat_packaging.buffer_choice import buffer_candidates, primary_buffer
 from ccat_packaging.discovery import (
     GroupKey,
     StalePackage,
@@ -24,7 +24,7 @@ from ccat_packaging.discovery import (
     source_locations,
     unpackaged_groups,
 )
-from ccat_packaging.errors import ConfigurationError
+from ccat_packaging.errors import ConfigurationError, PackagingError
 from ccat_packaging.models import (
     DataLocation,
     DiskDataLocation,
@@ -37,18 +37,55 @@ from ccat_packaging.models import (
 from ccat_packaging.plans import Endpoint
 from ccat_packaging.registration import reset_failed, stale_cutoff
 
+# The window of the backlog's "recently" counts: packages completed and failed in it.
+RECENT = timedelta(hours=1)
+
 
 @dataclass(frozen=True)
 class LocationBacklog:
+    """One SOURCE location's backlog at ``at``: what waits to be packaged and how packaging
+    fared in the last ``RECENT``."""
+
     location: str
+    slug: str
+    site_id: int
+    at: datetime
     files: int
     bytes: int
     oldest_filed_at: datetime | None
     packages_by_status: dict[str, int]
+    completed_recently: int
+    failed_recently: int
+
+    @property
+    def oldest_age_seconds(self) -> float:
+        """How long the oldest unpackaged file has waited; 0 when none waits."""
+        if self.oldest_filed_at is None:
+            return 0.0
+        return max(0.0, (self.at - self.oldest_filed_at).total_seconds())
+
+    @property
+    def failed(self) -> int:
+        return self.packages_by_status.get(Status.FAILED.value, 0)
+
+    def metrics(self) -> dict[str, int | float]:
+        """The numbers recorded over time, by the names the backlog asset's metadata and
+        InfluxDB both use."""
+        return {
+            "unpackaged_files": self.files,
+            "unpackaged_bytes": self.bytes,
+            "oldest_unpackaged_age_seconds": round(self.oldest_age_seconds, 3),
+            "completed_last_hour": self.completed_recently,
+            "failed_last_hour": self.failed_recently,
+            "failed": self.failed,
+        }
 
 
 def backlog(session: Session) -> list[LocationBacklog]:
-    """Unpackaged files and bytes, the oldest one's filing time, packages by status."""
+    """Per active SOURCE location: unpackaged files and bytes, the oldest one's filing time,
+    packages by status, and those completed and failed in the last ``RECENT`` (a package's
+    ``updated_at`` is when it reached its final status)."""
+    now = datetime.now(UTC)
     result = []
     for ref in source_locations(session):
         files, total, oldest = session.execute(
@@ -61,23 +98,80 @@ def backlog(session: Session) -> list[LocationBacklog]:
                 RawDataFile.raw_data_package_id.is_(None),
             )
         ).one()
+        packages = RawDataPackage.source_location_id == ref.id
         by_status = dict(
             session.execute(
                 select(RawDataPackage.status, func.count())
-                .where(RawDataPackage.source_location_id == ref.id)
+                .where(packages)
+                .group_by(RawDataPackage.status)
+            ).all()
+        )
+        recent = dict(
+            session.execute(
+                select(RawDataPackage.status, func.count())
+                .where(
+                    packages,
+                    RawDataPackage.status.in_([Status.COMPLETED, Status.FAILED]),
+                    RawDataPackage.updated_at >= now - RECENT,
+                )
                 .group_by(RawDataPackage.status)
             ).all()
         )
         result.append(
             LocationBacklog(
                 ref.name,
+                ref.slug,
+                session.get_one(DataLocation, ref.id).site_id,
+                now,
                 int(files),
                 int(total),
                 oldest.replace(tzinfo=oldest.tzinfo or UTC) if oldest else None,
                 {str(status.value): int(n) for status, n in by_status.items()},
+                int(recent.get(Status.COMPLETED, 0)),
+                int(recent.get(Status.FAILED, 0)),
             )
         )
     return result
+
+
+@dataclass(frozen=True)
+class BufferSpace:
+    """The free space of one BUFFER's file system, or why it is not known."""
+
+    location: str
+    host: str
+    free: int | None
+    total: int | None
+    problem: str | None
+
+
+def buffer_space(session: Session, hosts: Hosts, site_id: int) -> list[BufferSpace]:
+    """The free space of each active BUFFER of the site, asked of the host that holds it
+    (``statvfs`` in-process when that is this machine, the agent over SSH otherwise). A buffer
+    that does not answer is reported with its problem: the others are still measured."""
+    try:
+        buffers = [Endpoint.of(b) for b in buffer_candidates(session, site_id)]
+    except ConfigurationError as exc:
+        return [BufferSpace("-", "-", None, None, str(exc))]
+    spaces = []
+    for buffer in buffers:
+        try:
+            spec = tar_agent.FreeSpaceSpec(root=buffer.root)
+            result = hosts.runner_for(buffer).run("free_space", spec)
+        except PackagingError as exc:  # unreachable host, refused key, root not allowed ...
+            problem = f"{type(exc).__name__}: {exc}"
+            spaces.append(BufferSpace(buffer.location_name, buffer.host, None, None, problem))
+        else:
+            spaces.append(
+                BufferSpace(
+                    buffer.location_name,
+                    buffer.host,
+                    int(result["free"]),
+                    int(result["total"]),
+                    None,
+                )
+            )
+    return spaces
 
 
 @dataclass(frozen=True)

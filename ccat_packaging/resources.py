@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,29 +55,56 @@ class AssemblyHosts(dg.ConfigurableResource):
     counts the bytes this run's commands moved, which the package heartbeat watches.
     """
 
-    _ssh: SshHosts | None = PrivateAttr(default=None)
-    _meter: Meter = PrivateAttr(default_factory=Meter)
+    _reach: HostReach = PrivateAttr(default_factory=lambda: HostReach())
 
     @property
     def moved(self) -> int:
-        return self._meter.moved
+        return self._reach.meter.moved
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.close()
 
     def close(self) -> None:
         """Close this run's SSH connections."""
-        if self._ssh is not None:
-            self._ssh.close()
-            self._ssh = None
+        self._reach.close()
+
+    def runner_for(self, endpoint: Endpoint) -> HostRunner:
+        return self._reach.runner_for(endpoint)
+
+
+class HostReach:
+    """The runners of one run's hosts (what ``AssemblyHosts`` does, as plain Python): in-process
+    for this machine, else over SSH, one connection per host. ``bound_seconds`` caps how long
+    a command may stand still and a login may take below their ``CCAT_*`` settings: the
+    backlog's free-space probes use it so that one unreachable buffer host holds up its
+    record for seconds, not for a stall period."""
+
+    def __init__(self, bound_seconds: float | None = None) -> None:
+        self._bound = bound_seconds
+        self._ssh: SshHosts | None = None
+        self.meter = Meter()
 
     def runner_for(self, endpoint: Endpoint) -> HostRunner:
         allowed_roots.check(endpoint)
         if is_same_host(endpoint.host):
-            return LocalRunner(self, endpoint, self._meter, settings.stall_seconds())
+            return LocalRunner(self, endpoint, self.meter, self._bounded(settings.stall_seconds()))
         if self._ssh is None:
-            self._ssh = SshHosts(ssh_settings(), self._meter)
+            full = ssh_settings()
+            bounded = dataclasses.replace(
+                full,
+                stall_seconds=self._bounded(full.stall_seconds),
+                connect_timeout=int(self._bounded(full.connect_timeout)),
+            )
+            self._ssh = SshHosts(bounded, self.meter)
         return self._ssh.runner(endpoint, hosts=self)
+
+    def _bounded(self, seconds: float) -> float:
+        return seconds if self._bound is None else min(seconds, self._bound)
+
+    def close(self) -> None:
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
 
 
 def ssh_settings() -> SshSettings:

@@ -155,3 +155,38 @@ def archive_mode() -> int | None:
     if not 0 <= mode <= 0o777:
         raise ValueError(f"CCAT_ARCHIVE_MODE must be permission bits (0 to 0777), got {raw!r}")
     return mode
+
+
+INFLUXDB_PASSWORD_ENV = "CCAT_INFLUXDB_PASSWORD"
+
+
+def influxdb_url() -> str | None:
+    """``CCAT_INFLUXDB_URL``: the InfluxDB 1.x server metrics are written to
+    (``http://host:8086``); unset, none are written."""
+    return os.environ.get("CCAT_INFLUXDB_URL") or None
+
+
+def influxdb_database() -> str:
+    """``CCAT_INFLUXDB_DATABASE``: the database the points go to."""
+    return os.environ.get("CCAT_INFLUXDB_DATABASE") or "ccat_packaging"
+
+
+def influxdb_username() -> str | None:
+    """``CCAT_INFLUXDB_USERNAME``: the user that writes; unset, writes are unauthenticated."""
+    return os.environ.get("CCAT_INFLUXDB_USERNAME") or None
+
+
+def influxdb_password() -> str | None:
+    """``CCAT_INFLUXDB_PASSWORD``: that user's password, a secret: only ever sent in the
+    request's Authorization header, never logged."""
+    return os.environ.get(INFLUXDB_PASSWORD_ENV) or None
+
+
+def influxdb_timeout_seconds() -> float:
+    """``CCAT_INFLUXDB_TIMEOUT_SECONDS``: how long one write may wait for the server before
+    its points are given up (with a warning); a package or the backlog job never waits
+    longer on monitoring."""
+    value = _int("CCAT_INFLUXDB_TIMEOUT_SECONDS", 3)
+    if value <= 0:
+        raise ValueError(f"CCAT_INFLUXDB_TIMEOUT_SECONDS must be positive, got {value}")
+    return value

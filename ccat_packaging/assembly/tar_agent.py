@@ -230,6 +230,10 @@ class ChecksumSpec(_ChecksumOptions):
     relative_path: str
 
 
+class FreeSpaceSpec(TypedDict):
+    root: str
+
+
 class SendResult(TypedDict):
     size: int
     checksum: str  # hex digest of the archive's bytes
@@ -268,6 +272,11 @@ class ChecksumResult(TypedDict):
     size: int
     algorithm: str
     checksum: str
+
+
+class FreeSpaceResult(TypedDict):
+    free: int  # bytes an unprivileged writer may still use
+    total: int
 
 
 def check_relative_path(path: str) -> str:
@@ -512,6 +521,14 @@ def checksum(spec: ChecksumSpec, progress: Progress) -> ChecksumResult:
     return {"path": path, "size": size, "algorithm": algorithm, "checksum": digest}
 
 
+def free_space(spec: FreeSpaceSpec, progress: Progress) -> FreeSpaceResult:
+    """The space left on the file system of a buffer's root, for the backlog's record of it
+    (``FreeSpaceSpec``, ``FreeSpaceResult``); what an assembly checks before it writes is
+    ``_reserve_space``, which also counts the other assemblies' reservations."""
+    vfs = os.statvfs(spec["root"])
+    return {"free": vfs.f_bavail * vfs.f_frsize, "total": vfs.f_blocks * vfs.f_frsize}
+
+
 # The command table, and running a command as a process.
 
 
@@ -535,6 +552,7 @@ COMMANDS = {
     "publish": Command(publish, None),
     "discard": Command(discard, None),
     "checksum": Command(checksum, None),
+    "free_space": Command(free_space, None),
 }
 
 
