@@ -4,9 +4,9 @@ Off unless ``CCAT_INFLUXDB_URL`` is set. Points go to an InfluxDB 1.x server as 
 over HTTP (``POST /write?db=...&precision=ns``, the standard library's ``urllib``: one request
 per batch needs no client library). Monitoring never decides the fate of a package or of the
 backlog job: a write that fails (server down, refusing, slow past
-``CCAT_INFLUXDB_TIMEOUT_SECONDS``, an error answer) is one warning naming the URL (without
-credentials), and its points are dropped. The password goes only into the request's
-``Authorization`` header.
+``CCAT_INFLUXDB_TIMEOUT_SECONDS``, an error answer) is one warning naming the URL, and its
+points are dropped. The password goes only into the request's ``Authorization`` header: the
+URL may not carry credentials, so whatever names it shows none.
 
 What is written, ``SCHEMA`` lists (the Grafana dashboard in docs/grafana is checked against
 it): tags are what panels group and filter by (few distinct values), fields what they plot.
@@ -154,7 +154,8 @@ def line(point: Point) -> str:
 
 
 def _escape(text: str, special: str) -> str:
-    text = text.replace("\\", "\\\\")
+    """Names and tag values: only the protocol's separators are escaped (a backslash before
+    anything else is taken as itself)."""
     for char in special:
         text = text.replace(char, "\\" + char)
     return text.replace("\n", "\\n")
@@ -185,6 +186,14 @@ class InfluxConfig:
         url = settings.influxdb_url()
         if url is None:
             return None
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("CCAT_INFLUXDB_URL must be http(s)://host[:port]")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "CCAT_INFLUXDB_URL must not hold credentials: set CCAT_INFLUXDB_USERNAME and "
+                "CCAT_INFLUXDB_PASSWORD"
+            )
         return cls(
             url.rstrip("/"),
             settings.influxdb_database(),
@@ -197,14 +206,6 @@ class InfluxConfig:
         query = urllib.parse.urlencode({"db": self.database, "precision": "ns"})
         return f"{self.url}/write?{query}"
 
-    def shown_url(self) -> str:
-        """The write URL as messages name it: without any credentials written into it."""
-        parts = urllib.parse.urlsplit(self.write_url())
-        netloc = parts.hostname or ""
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
 
 def write(points: Sequence[Point | None], warn: Warn) -> bool:
     """Write the points in one request; True if the server took them. Without
@@ -212,7 +213,7 @@ def write(points: Sequence[Point | None], warn: Warn) -> bool:
     batch = [p for p in points if p is not None]
     try:
         config = InfluxConfig.from_env()
-    except ValueError as exc:  # a malformed CCAT_INFLUXDB_TIMEOUT_SECONDS
+    except ValueError as exc:  # a malformed setting (the message quotes no URL or password)
         warn(f"InfluxDB metrics not written: {exc}")
         return False
     if config is None or not batch:
@@ -236,7 +237,7 @@ def write(points: Sequence[Point | None], warn: Warn) -> bool:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         detail = f"{type(reason).__name__}: {reason}"
     warn(
-        f"InfluxDB: {len(batch)} point(s) not written to {config.shown_url()} ({detail}, "
+        f"InfluxDB: {len(batch)} point(s) not written to {config.write_url()} ({detail}, "
         f"bound {config.timeout_seconds:g} s); packaging goes on without them"
     )
     return False

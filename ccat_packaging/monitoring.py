@@ -11,8 +11,6 @@ answer within ``FREE_SPACE_BOUND_SECONDS``) is left out of that location's numbe
 The numbers themselves come from ``operations.backlog`` and ``operations.buffer_space``.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 
 import dagster as dg
