@@ -4,6 +4,7 @@ verifying a package at rest."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +18,20 @@ from dagster._core.remote_origin import (
 )
 from dagster._core.scheduler.instigation import InstigatorState, InstigatorStatus, InstigatorType
 from dagster._daemon.types import DaemonHeartbeat
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from ccat_packaging import operations
 from ccat_packaging.cli import main
-from ccat_packaging.models import DiskDataLocation, LocationType, RawDataPackage, Status
+from ccat_packaging.models import (
+    DiskDataLocation,
+    LocationType,
+    RawDataFile,
+    RawDataPackage,
+    Status,
+)
+from ccat_packaging.resources import HostReach
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
+from ccat_packaging_tests.sshd import free_port
 
 
 def test_status_and_dry_run_report_the_backlog_without_changing_it(world, capsys) -> None:
@@ -321,3 +330,101 @@ def test_list_shows_packages_of_every_status_and_filters_them(world, capsys) -> 
     assert "no location named 'nope'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["list", "--older-than", "soon"])
+
+
+def _package(world, group, status: Status, age: timedelta, part: int = 1) -> None:
+    with world.session() as s:
+        s.add(
+            RawDataPackage(
+                name=f"eou{group.eou_id}__mod{group.module_id}__part{part:03d}",
+                relative_path="x.tar",
+                status=status,
+                source_location_id=group.location_id,
+                executed_obs_unit_id=group.eou_id,
+                instrument_module_id=group.module_id,
+                part=part,
+                updated_at=datetime.now(UTC) - age,
+            )
+        )
+
+
+def test_the_backlog_counts_waiting_files_their_age_and_the_last_hours_outcomes(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE)
+    world.location(site, "other", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    group = world.group(src)
+    world.file(group, "a.dat", size=100, write=False)
+    world.file(group, "b.dat", size=250, write=False)
+    with world.session() as s:
+        s.execute(
+            update(RawDataFile)
+            .where(RawDataFile.relative_path == "a.dat")
+            .values(created_at=datetime.now(UTC) - timedelta(hours=2))
+        )
+    for part, (status, age) in enumerate(
+        [
+            (Status.COMPLETED, timedelta(minutes=5)),
+            (Status.COMPLETED, timedelta(minutes=50)),
+            (Status.COMPLETED, timedelta(hours=3)),
+            (Status.FAILED, timedelta(minutes=10)),
+            (Status.FAILED, timedelta(days=2)),
+            (Status.PENDING, timedelta(minutes=1)),
+        ],
+        start=1,
+    ):
+        _package(world, world.group(src), status, age, part)
+    with world.session() as s:
+        rows = {row.location: row for row in operations.backlog(s)}
+    row, idle = rows["src"], rows["other"]
+    assert (row.slug, row.site_id, row.files, row.bytes) == ("src", site, 2, 350)
+    assert row.oldest_age_seconds == pytest.approx(7200, abs=60)
+    assert (row.completed_recently, row.failed_recently, row.failed) == (2, 1, 2)
+    assert row.packages_by_status == {"completed": 3, "failed": 2, "pending": 1}
+    assert row.metrics() == {
+        "unpackaged_files": 2,
+        "unpackaged_bytes": 350,
+        "oldest_unpackaged_age_seconds": row.metrics()["oldest_unpackaged_age_seconds"],
+        "completed_last_hour": 2,
+        "failed_last_hour": 1,
+        "failed": 2,
+    }
+    assert isinstance(row.metrics()["oldest_unpackaged_age_seconds"], float)
+    assert idle.slug == "other" and idle.metrics() == {
+        "unpackaged_files": 0,
+        "unpackaged_bytes": 0,
+        "oldest_unpackaged_age_seconds": 0.0,
+        "completed_last_hour": 0,
+        "failed_last_hour": 0,
+        "failed": 0,
+    }
+
+
+def test_buffer_space_measures_each_active_buffer_and_names_one_that_does_not_answer(
+    world, small_disk: Path, tmp_path: Path, monkeypatch
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.touch(mode=0o600)
+    monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(known_hosts))
+    site, bare = world.site(), world.site("cologne")
+    world.location(site, "buf", LocationType.BUFFER, root=small_disk)
+    world.location(site, "old", LocationType.BUFFER, active=False)
+    port = free_port("127.0.0.6")
+    world.location(site, "far", LocationType.BUFFER, host="127.0.0.6", port=port, priority=2)
+    hosts = HostReach(5)
+    try:
+        with world.session() as s:
+            near, far = operations.buffer_space(s, hosts, site)
+            [none] = operations.buffer_space(s, hosts, bare)
+    finally:
+        hosts.close()
+    vfs = os.statvfs(small_disk)
+    assert near == operations.BufferSpace(
+        "buf", "localhost", vfs.f_bavail * vfs.f_frsize, 64 << 20, None
+    )
+    assert (far.location, far.host, far.free, far.total) == ("far", "127.0.0.6", None, None)
+    assert far.problem is not None
+    assert far.problem.startswith("HostUnreachableError: location 'far' on 127.0.0.6")
+    assert none.free is None and none.problem == (
+        "site 'cologne' has no active BUFFER location; add or activate one"
+    )

@@ -1051,3 +1051,22 @@ def test_a_symlinked_destination_directory_is_refused(tmp_path: Path, step: str)
         with pytest.raises(AgentError, match="is a symlink, which is never followed"):
             tar_agent.run_command("discard", discard, tar_agent.Progress())
         assert (outside / Path(built["temp_path"]).name).exists()
+
+
+def test_free_space_is_the_buffer_file_systems_as_statvfs_reports_it(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """In-process and as a process of its own (as on a remote host), on a file system whose
+    size is known; a missing root is an error naming it."""
+    for result in (
+        tar_agent.run_command("free_space", {"root": str(small_disk)}, tar_agent.Progress()),
+        run_agent_process("free_space", {"root": str(small_disk)}, tmp_path)["ok"],
+    ):
+        vfs = os.statvfs(small_disk)
+        assert result == {"free": vfs.f_bavail * vfs.f_frsize, "total": vfs.f_blocks * vfs.f_frsize}
+        assert 0 < result["free"] <= result["total"] == 64 << 20
+    failed = run_agent_process("free_space", {"root": str(tmp_path / "gone")}, tmp_path)
+    assert failed["error"] == {
+        "kind": "io",
+        "message": f"free_space: No such file or directory [ENOENT] ({tmp_path / 'gone'})",
+    }
