@@ -113,8 +113,8 @@ def completed_point(plan: PackagePlan, archive: AssembledArchive) -> Point:
             "package": plan.name,
             "files": len(plan.members),
             "bytes": archive.size,
-            "seconds": round(archive.seconds, 3),
-            "throughput_bytes_per_second": round(archive.size / max(archive.seconds, 1e-9), 1),
+            "seconds": archive.seconds,
+            "throughput_bytes_per_second": archive.size / max(archive.seconds, 1e-9),
         },
     )
 

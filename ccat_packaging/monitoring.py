@@ -39,7 +39,7 @@ def backlog_metadata(
     for space in spaces:
         if space.free is not None:
             metadata[f"buffer_free_bytes[{space.location}]"] = dg.MetadataValue.int(space.free)
-    problems = [f"buffer {s.location} on {s.host}: {s.problem}" for s in spaces if s.problem]
+    problems = [f"{s.shown}: {s.problem}" for s in spaces if s.problem]
     metadata["problems"] = dg.MetadataValue.text("; ".join(problems) or "none")
     return metadata
 
@@ -80,10 +80,7 @@ def backlog_definitions(locations: list[SourceLocationRef]) -> dg.Definitions:
         for site_spaces in spaces.values():
             for space in site_spaces:
                 if space.problem:
-                    context.log.warning(
-                        f"free space of buffer {space.location} on {space.host} not known: "
-                        f"{space.problem}"
-                    )
+                    context.log.warning(f"free space of {space.shown} not known: {space.problem}")
                 points.append(influx.buffer_point(space))
         recorded = set()
         for row in rows:

@@ -136,13 +136,19 @@ def backlog(session: Session) -> list[LocationBacklog]:
 
 @dataclass(frozen=True)
 class BufferSpace:
-    """The free space of one BUFFER's file system, or why it is not known."""
+    """The free space of one BUFFER's file system, or why it is not known; ``location`` and
+    ``host`` are empty when the site has no buffer to measure."""
 
     location: str
     host: str
     free: int | None
     total: int | None
     problem: str | None
+
+    @property
+    def shown(self) -> str:
+        """How messages name it."""
+        return f"buffer {self.location} on {self.host}" if self.location else "the site's buffers"
 
 
 def buffer_space(session: Session, hosts: Hosts, site_id: int) -> list[BufferSpace]:
@@ -152,7 +158,7 @@ def buffer_space(session: Session, hosts: Hosts, site_id: int) -> list[BufferSpa
     try:
         buffers = [Endpoint.of(b) for b in buffer_candidates(session, site_id)]
     except ConfigurationError as exc:
-        return [BufferSpace("-", "-", None, None, str(exc))]
+        return [BufferSpace("", "", None, None, str(exc))]
     spaces = []
     for buffer in buffers:
         try:

@@ -23,10 +23,20 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
         "package_chai_raw_data_sensor",
         "package_primecam_raw_data_sensor",
     ]
-    assert sorted(j.name for j in definitions.resolve_all_job_defs()) == [
+    # (Dagster's implicit job of all assets, "__ASSET_JOB", aside)
+    assert sorted(j.name for j in definitions.resolve_all_job_defs() if j.name[:2] != "__") == [
         "package_chai_raw_data",
         "package_primecam_raw_data",
         "packaging_retention",
+        "record_backlog",
+    ]
+    assert sorted(s.name for s in definitions.schedules or []) == [
+        "packaging_retention_daily",
+        "record_backlog_every_5_minutes",
+    ]
+    assert sorted(definitions.resolve_all_asset_keys()) == [
+        dg.AssetKey(["packaging_backlog", "chai_raw_data"]),
+        dg.AssetKey(["packaging_backlog", "primecam_raw_data"]),
     ]
     job = definitions.resolve_job_def("package_primecam_raw_data")
     assert [n.name for n in job.graph.nodes_in_topological_order] == [

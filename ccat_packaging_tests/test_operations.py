@@ -425,6 +425,8 @@ def test_buffer_space_measures_each_active_buffer_and_names_one_that_does_not_an
     assert (far.location, far.host, far.free, far.total) == ("far", "127.0.0.6", None, None)
     assert far.problem is not None
     assert far.problem.startswith("HostUnreachableError: location 'far' on 127.0.0.6")
-    assert none.free is None and none.problem == (
-        "site 'cologne' has no active BUFFER location; add or activate one"
+    assert (
+        none.shown == "the site's buffers"
+        and none.free is None
+        and none.problem == ("site 'cologne' has no active BUFFER location; add or activate one")
     )
