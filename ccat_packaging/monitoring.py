@@ -49,7 +49,7 @@ def backlog_definitions(locations: list[SourceLocationRef]) -> dg.Definitions:
     (nothing without locations)."""
     if not locations:
         return dg.Definitions()
-    slugs = {names.backlog_asset(loc.slug): loc for loc in locations}
+    by_key = {names.backlog_asset(loc.slug): loc for loc in locations}
 
     @dg.multi_asset(
         name="packaging_backlog",
@@ -62,7 +62,7 @@ def backlog_definitions(locations: list[SourceLocationRef]) -> dg.Definitions:
                 group_name="monitoring",
                 skippable=True,  # a location retired since the code location loaded
             )
-            for key, loc in slugs.items()
+            for key, loc in by_key.items()
         ],
     )
     def packaging_backlog(
@@ -85,16 +85,16 @@ def backlog_definitions(locations: list[SourceLocationRef]) -> dg.Definitions:
         recorded = set()
         for row in rows:
             key = names.backlog_asset(row.slug)
-            if key not in slugs:
+            if key not in by_key:
                 continue  # a location added since the code location loaded: reload it
             recorded.add(key)
             points.append(influx.backlog_point(row))
             yield dg.MaterializeResult(
                 asset_key=key, metadata=backlog_metadata(row, spaces[row.site_id])
             )
-        for key in sorted(set(slugs) - recorded, key=str):
+        for key in sorted(set(by_key) - recorded, key=str):
             context.log.warning(
-                f"{slugs[key].name}: no longer an active SOURCE location; its backlog is not "
+                f"{by_key[key].name}: no longer an active SOURCE location; its backlog is not "
                 "recorded (reload the code location to drop its asset)"
             )
         influx.write(points, context.log.warning)

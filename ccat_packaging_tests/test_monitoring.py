@@ -1,6 +1,7 @@
 """The backlog over time: ``record_backlog`` on a real Dagster instance records every location
-as numeric asset metadata (what the UI's Plots tab draws) and in a real InfluxDB server, and a
-buffer host that does not answer costs its own numbers only, within the probe's bound."""
+as numeric asset metadata (what the UI's Plots tab draws) and in a real InfluxDB server; free
+space comes from buffers on this machine and over SSH, and a buffer host that does not answer
+costs its own number only, within the probe's bound."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import pytest
 
 from ccat_packaging import monitoring, names
 from ccat_packaging.definitions import defs
-from ccat_packaging.models import LocationType
+from ccat_packaging.models import DiskDataLocation, LocationType
 from ccat_packaging_tests.influxdb_server import InfluxServer
+from ccat_packaging_tests.sshd import SshLab
 
-pytest_plugins = ["ccat_packaging_tests.influxdb_fixtures"]
+pytest_plugins = ["ccat_packaging_tests.influxdb_fixtures", "ccat_packaging_tests.ssh_fixtures"]
 
 NUMBERS = {
     "unpackaged_files",
@@ -44,14 +46,14 @@ def test_record_backlog_records_every_location_even_when_a_buffer_host_is_silent
     world,
     influxdb: InfluxServer,
     silent_host: tuple[str, int],
+    ssh_lab: SshLab,
     small_disk: Path,
-    tmp_path: Path,
     monkeypatch,
 ) -> None:
     influxdb.env(monkeypatch)
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.touch(mode=0o600)
-    monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(known_hosts))
+    for name, setting in ssh_lab.environment().items():
+        if setting is not None:
+            monkeypatch.setenv(name, setting)
     monkeypatch.setattr(monitoring, "FREE_SPACE_BOUND_SECONDS", 2)
     here, there = world.site(), world.site("cologne")
     src = world.location(here, "src", LocationType.SOURCE)
@@ -59,6 +61,17 @@ def test_record_backlog_records_every_location_even_when_a_buffer_host_is_silent
     world.location(there, "far src", LocationType.SOURCE)
     host, port = silent_host
     world.location(there, "far buf", LocationType.BUFFER, host=host, port=port)
+    remote = ssh_lab.a
+    world.location(
+        there,
+        "ssh buf",
+        LocationType.BUFFER,
+        host=remote.address,
+        port=remote.port,
+        user="root",
+        root=small_disk,
+        priority=2,
+    )
     group = world.group(src)
     world.file(group, "a.dat", size=1234, write=False)
     world.file(group, "b.dat", size=766, write=False)
@@ -100,7 +113,11 @@ def test_record_backlog_records_every_location_even_when_a_buffer_host_is_silent
     assert free == dg.IntMetadataValue(vfs.f_bavail * vfs.f_frsize)
     assert near.metadata["problems"] == dg.TextMetadataValue("none")
     assert set(k for k in far.metadata if k in NUMBERS) == NUMBERS
-    assert not any(k.startswith("buffer_free_bytes") for k in far.metadata)
+    # Over SSH, the agent on that host measured the same file system (the lab is this machine).
+    assert [k for k in far.metadata if k.startswith("buffer_free_bytes")] == [
+        "buffer_free_bytes[ssh buf]"
+    ]
+    assert far.metadata["buffer_free_bytes[ssh buf]"] == free
     problems = far.metadata["problems"]
     assert isinstance(problems, dg.TextMetadataValue)
     assert str(problems.text).startswith(f"buffer far buf on {host}: ")
@@ -112,6 +129,33 @@ def test_record_backlog_records_every_location_even_when_a_buffer_host_is_silent
         assert {k: row[k] for k in NUMBERS} == {
             k: materialization.metadata[k].value for k in NUMBERS
         }
-    [buffer] = influxdb.query('SELECT * FROM "packaging_buffer"')
-    assert (buffer["buffer_location"], buffer["buffer_host"]) == ("buf", "localhost")
-    assert (buffer["free_bytes"], buffer["total_bytes"]) == (free.value, 64 << 20)
+    buffers = influxdb.query('SELECT * FROM "packaging_buffer"')
+    assert sorted(
+        (b["buffer_location"], b["buffer_host"], b["free_bytes"], b["total_bytes"]) for b in buffers
+    ) == [
+        ("buf", "localhost", free.value, 64 << 20),
+        ("ssh buf", remote.address, free.value, 64 << 20),
+    ]
+
+
+def test_a_location_retired_since_the_load_is_left_out_with_a_warning(world) -> None:
+    site = world.site()
+    world.location(site, "kept", LocationType.SOURCE)
+    retired = world.location(site, "retired", LocationType.SOURCE)
+    world.location(site, "buf", LocationType.BUFFER)
+    job = defs().resolve_job_def(names.BACKLOG_JOB)
+    with world.session() as s:
+        s.get_one(DiskDataLocation, retired).active = False
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance)
+        assert result.success
+        warnings = [
+            e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING
+        ]
+        kept = instance.fetch_materializations(names.backlog_asset("kept"), limit=5).records
+        gone = instance.fetch_materializations(names.backlog_asset("retired"), limit=5).records
+    assert len(kept) == 1 and gone == []
+    assert warnings == [
+        "retired: no longer an active SOURCE location; its backlog is not recorded (reload the "
+        "code location to drop its asset)"
+    ]
