@@ -5,8 +5,9 @@ over HTTP (``POST /write?db=...&precision=ns``, the standard library's ``urllib`
 per batch needs no client library). Monitoring never decides the fate of a package or of the
 backlog job: a write that fails (server down, refusing, slow past
 ``CCAT_INFLUXDB_TIMEOUT_SECONDS``, an error answer) is one warning naming the URL, and its
-points are dropped. The password goes only into the request's ``Authorization`` header: the
-URL may not carry credentials, so whatever names it shows none.
+points are dropped; the caller waits at most that long in all. The password goes only into
+the request's ``Authorization`` header: the URL may not carry credentials, so whatever names
+it shows none.
 
 What is written, ``SCHEMA`` lists (the Grafana dashboard in docs/grafana is checked against
 it): tags are what panels group and filter by (few distinct values), fields what they plot.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -187,6 +189,7 @@ class InfluxConfig:
         if url is None:
             return None
         parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("CCAT_INFLUXDB_URL must be http(s)://host[:port]")
         if parts.username is not None or parts.password is not None:
@@ -227,20 +230,38 @@ def write(points: Sequence[Point | None], warn: Warn) -> bool:
     if config.username is not None:
         credentials = f"{config.username}:{config.password or ''}".encode()
         request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=config.timeout_seconds) as response:
-            response.read()
+    # On a thread of its own, so the whole write (name lookup included, which no socket
+    # timeout bounds) is over for the caller after the bound; the thread ends by its sockets'
+    # timeouts.
+    outcome: list[str | None] = []
+    sender = threading.Thread(
+        target=lambda: outcome.append(_send(request, config.timeout_seconds)),
+        name="influxdb-write",
+        daemon=True,
+    )
+    sender.start()
+    sender.join(config.timeout_seconds)
+    detail = outcome[0] if outcome else f"timed out: no answer in {config.timeout_seconds:g} s"
+    if detail is None:
         return True
-    except urllib.error.HTTPError as exc:
-        detail = f"HTTP {exc.code} {_answer(exc)}"
-    except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, timed out
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        detail = f"{type(reason).__name__}: {reason}"
     warn(
-        f"InfluxDB: {len(batch)} point(s) not written to {config.write_url()} ({detail}, "
-        f"bound {config.timeout_seconds:g} s); packaging goes on without them"
+        f"InfluxDB: {len(batch)} point(s) not written to {config.write_url()} ({detail}); "
+        "packaging goes on without them"
     )
     return False
+
+
+def _send(request: urllib.request.Request, timeout: float) -> str | None:
+    """POST the request; None when the server took it, else what went wrong."""
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+        return None
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} {_answer(exc)}"
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, timed out, ...
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return f"{type(reason).__name__}: {reason}"
 
 
 def _answer(exc: urllib.error.HTTPError) -> str:

@@ -183,9 +183,9 @@ def influxdb_password() -> str | None:
 
 
 def influxdb_timeout_seconds() -> float:
-    """``CCAT_INFLUXDB_TIMEOUT_SECONDS``: how long one write may wait for the server before
-    its points are given up (with a warning); a package or the backlog job never waits
-    longer on monitoring."""
+    """``CCAT_INFLUXDB_TIMEOUT_SECONDS``: how long one write may take in all (name lookup,
+    connection, answer) before its points are given up with a warning; a package or the
+    backlog job never waits longer on monitoring."""
     value = _int("CCAT_INFLUXDB_TIMEOUT_SECONDS", 3)
     if value <= 0:
         raise ValueError(f"CCAT_INFLUXDB_TIMEOUT_SECONDS must be positive, got {value}")
