@@ -54,7 +54,7 @@ from ccat_packaging.models import (
     Status,
     StorageType,
 )
-from ccat_packaging.processes import start_group, stop_group
+from ccat_packaging.processes import start_group, stop_groups
 
 REPO = Path(__file__).resolve().parent.parent
 PRODUCTION_INSTANCE = REPO / "dagster.yaml"
@@ -245,7 +245,7 @@ def start_sensors(env: dict[str, str], log: Path) -> None:
     argv = [str(DAGSTER_BIN / "dagster"), "sensor", "start", "--start-all", "-w", str(WORKSPACE)]
     with open(log, "ab") as out:
         process = start_group(argv, env, REPO, out)
-    with stopped_on_exit(process):  # with the code server it starts
+    with stopped_on_exit([process]):  # with the code server it starts
         try:
             code = process.wait(timeout=START_SENSORS_SECONDS)
         except subprocess.TimeoutExpired:
@@ -259,21 +259,22 @@ class DemoError(Exception):
 
 
 @contextlib.contextmanager
-def stopped_on_exit(process: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    """The process group is stopped however the block ends: done, an error, Ctrl-C or SIGTERM
-    (turned into an exception here so that this runs)."""
+def stopped_on_exit(processes: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """The groups of ``processes`` (also those added to it inside the block) are stopped
+    however the block ends: done, an error, Ctrl-C or SIGTERM (turned into an exception here
+    so that this runs)."""
 
     def terminated(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        yield process
+        yield
     finally:
-        # A second Ctrl-C must not cut the stopping short and leave the group running.
+        # A second Ctrl-C must not cut the stopping short and leave the groups running.
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            stop_group(process, grace=STOP_GRACE_SECONDS)
+            stop_groups(processes, grace=STOP_GRACE_SECONDS)
         finally:
             signal.signal(signal.SIGINT, interrupt)
             signal.signal(signal.SIGTERM, previous)
@@ -329,7 +330,7 @@ def package_until_done(
         daemon = start_group(
             [str(DAGSTER_BIN / "dagster-daemon"), "run", "-w", str(WORKSPACE)], env, REPO, log
         )
-    with stopped_on_exit(daemon):
+    with stopped_on_exit([daemon]):
         print(f"dagster-daemon started (pid {daemon.pid}, log {paths.daemon_log})", flush=True)
         start_sensors(env, paths.daemon_log)
         print("sensors started (dagster sensor start --start-all)", flush=True)
@@ -472,19 +473,16 @@ def serve_ui(root: Path, host: str, port: int) -> int:
         "dagster-daemon": ["run", "-w", str(WORKSPACE)],
         "dagster-webserver": ["-w", str(WORKSPACE), "-h", host, "-p", str(port)],
     }
-    with contextlib.ExitStack() as stack:
-        try:
-            processes = [
-                stack.enter_context(
-                    stopped_on_exit(start_group([str(DAGSTER_BIN / name), *args], env, REPO))
-                )
-                for name, args in commands.items()
-            ]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with stopped_on_exit(processes):
+            for name, args in commands.items():
+                processes.append(start_group([str(DAGSTER_BIN / name), *args], env, REPO))
             print(f"the demo's Dagster UI: http://{host}:{port} (Ctrl-C stops it)", flush=True)
             while all(p.poll() is None for p in processes):
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:
+        return 0
     for name, process in zip(commands, processes, strict=True):
         if process.returncode is not None:
             print(f"error: {name} exited with {process.returncode}")

@@ -35,17 +35,25 @@ def start_group(
 
 def stop_group(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
     """SIGTERM to the whole group, SIGKILL to whatever is left after ``grace`` seconds."""
-    group = process.pid
+    stop_groups([process], grace)
+
+
+def stop_groups(processes: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """``stop_group`` for several groups at once: they shut down side by side."""
+    groups = {process.pid: process for process in processes}
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, sig)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=0.2)
-            if not live_members(group):
+            for process in groups.values():
+                process.poll()
+            if not any(live_members(group) for group in groups):
                 return
-    raise RuntimeError(f"processes {live_members(group)} of group {group} survived SIGKILL")
+            time.sleep(0.2)
+    left = {group: live_members(group) for group in groups}
+    raise RuntimeError(f"processes survived SIGKILL: {left}")
 
 
 def live_members(group: int) -> list[int]:
