@@ -67,14 +67,14 @@ DEMO_SENSOR_INTERVAL_SECONDS = 1
 WAIT_SECONDS = 900
 START_SENSORS_SECONDS = 180
 STOP_GRACE_SECONDS = 30
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
+RUNNING = [
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
 FINISHED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+FINISHED = [dg.DagsterRunStatus.SUCCESS, *FINISHED_BADLY]
 
 MB = 1_000_000
 
@@ -298,9 +298,14 @@ class Progress:
         )
 
 
-def _progress(session: Session, instance: dg.DagsterInstance, jobs: list[str]) -> Progress:
+def _progress(
+    session: Session, instance: dg.DagsterInstance, jobs: list[str], since: datetime
+) -> Progress:
     """Files in completed or failed packages (the sensors request nothing more for them), and
-    the packaging jobs' runs still to finish. Other runs (a schedule's) are not waited for."""
+    the packaging jobs' runs still to finish: every queued one (a demo stopped by Ctrl-C
+    leaves its queued runs to the next), and those running that changed ``since`` this demo
+    began (a run worker killed with its daemon leaves a run that stays "started" and must
+    not be waited for). Other jobs' runs (a schedule's) are not waited for."""
     finished = select(RawDataPackage.id).where(
         RawDataPackage.status.in_([Status.COMPLETED, Status.FAILED])
     )
@@ -310,16 +315,21 @@ def _progress(session: Session, instance: dg.DagsterInstance, jobs: list[str]) -
     )
     queued = in_progress = 0
     for job in jobs:
-        for record in instance.get_run_records(dg.RunsFilter(job_name=job, statuses=IN_FLIGHT)):
-            if record.dagster_run.status == dg.DagsterRunStatus.QUEUED:
-                queued += 1
-            else:
-                in_progress += 1
+        queued += instance.get_runs_count(
+            dg.RunsFilter(job_name=job, statuses=[dg.DagsterRunStatus.QUEUED])
+        )
+        in_progress += instance.get_runs_count(
+            dg.RunsFilter(job_name=job, statuses=RUNNING, updated_after=since)
+        )
     return Progress(files, done or 0, queued, in_progress)
 
 
 def package_until_done(
-    paths: DemoPaths, instance: dg.DagsterInstance, engine: Engine, jobs: list[str]
+    paths: DemoPaths,
+    instance: dg.DagsterInstance,
+    engine: Engine,
+    jobs: list[str],
+    since: datetime,
 ) -> None:
     """Run the daemon with the sensors on until every file is in a finished package and no
     packaging run is queued or in progress; a line whenever that changes."""
@@ -340,7 +350,7 @@ def package_until_done(
             if daemon.poll() is not None:
                 raise DemoError(f"dagster-daemon exited with {daemon.returncode}; see the log")
             with session_scope(engine) as session:
-                progress = _progress(session, instance, jobs)
+                progress = _progress(session, instance, jobs, since)
             elapsed = time.monotonic() - started
             if progress != last or elapsed - printed >= 10:
                 print(f"  {elapsed:5.0f} s  {progress}", flush=True)
@@ -424,16 +434,16 @@ def run(root: Path, reset: bool = False, size_scale: float = 1.0, obs_units: int
         with dg.DagsterInstance.from_config(str(paths.dagster_home)) as instance:
             with session_scope(engine) as session:
                 jobs = [names.job_name(loc.slug) for loc in source_locations(session)]
-                progress = _progress(session, instance, jobs)
+                progress = _progress(session, instance, jobs, since)
             if progress.done:
                 print(f"nothing to package ({progress}); the daemon is not started")
             else:
-                package_until_done(paths, instance, engine, jobs)
-            launched = [
+                package_until_done(paths, instance, engine, jobs, since)
+            ran = [
                 record.dagster_run
                 for job in jobs
                 for record in instance.get_run_records(
-                    dg.RunsFilter(job_name=job, created_after=since)
+                    dg.RunsFilter(job_name=job, statuses=FINISHED, updated_after=since)
                 )
             ]
     except DemoError as exc:
@@ -442,15 +452,15 @@ def run(root: Path, reset: bool = False, size_scale: float = 1.0, obs_units: int
     except KeyboardInterrupt:
         print("interrupted: the daemon and its runs are stopped; `make demo` again resumes")
         return 130
-    failed = [r for r in launched if r.status in FINISHED_BADLY]
+    failed = [r for r in ran if r.status in FINISHED_BADLY]
     with session_scope(engine) as session:
         rows = package_table(session)
     engine.dispose()
     print_table(rows, paths.buffers)
     total = sum(r[2] for r in rows)
     print(
-        f"\n{len(rows)} packages, {human_size(total)}; this run launched {len(launched)} "
-        f"run(s), {len(failed)} failed; seeding {seeded_at - started:.1f} s, packaging "
+        f"\n{len(rows)} packages, {human_size(total)}; this demo ran {len(ran)} run(s), "
+        f"{len(failed)} failed; seeding {seeded_at - started:.1f} s, packaging "
         f"{time.monotonic() - seeded_at:.1f} s, total {time.monotonic() - started:.1f} s"
     )
     for dagster_run in failed:

@@ -137,7 +137,7 @@ def test_after_the_demo_the_ui_shows_its_runs_ticks_and_packaged_groups(tmp_path
     home = root / "dagster_home"
     first = _demo(root)
     assert "filed 51 raw files" in first
-    assert "5 packages" in first and "launched 5 run(s), 0 failed" in first, first
+    assert "5 packages" in first and "this demo ran 5 run(s), 0 failed" in first, first
     assert "dagster-daemon stopped" in first
     assert _processes_on(home) == []
     table = _table(first)
@@ -185,7 +185,7 @@ def test_after_the_demo_the_ui_shows_its_runs_ticks_and_packaged_groups(tmp_path
     assert _processes_on(home) == []
 
     second = _demo(root)
-    assert "launched 0 run(s)" in second and "5 packages" in second
+    assert "this demo ran 0 run(s)" in second and "5 packages" in second
     assert _table(second) == table
 
 
