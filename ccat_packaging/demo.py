@@ -342,8 +342,8 @@ def package_until_done(
         )
     with stopped_on_exit([daemon]):
         print(f"dagster-daemon started (pid {daemon.pid}, log {paths.daemon_log})", flush=True)
+        print("turning the sensors on: dagster sensor start --start-all", flush=True)
         start_sensors(env, paths.daemon_log)
-        print("sensors started (dagster sensor start --start-all)", flush=True)
         last: Progress | None = None
         printed = 0.0
         while True:
@@ -436,7 +436,10 @@ def run(root: Path, reset: bool = False, size_scale: float = 1.0, obs_units: int
                 jobs = [names.job_name(loc.slug) for loc in source_locations(session)]
                 progress = _progress(session, instance, jobs, since)
             if progress.done:
-                print(f"nothing to package ({progress}); the daemon is not started")
+                print(
+                    f"nothing to package ({progress.finished_files}/{progress.files} files in "
+                    "finished packages): the daemon is not started"
+                )
             else:
                 package_until_done(paths, instance, engine, jobs, since)
             ran = [

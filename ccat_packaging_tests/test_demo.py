@@ -138,7 +138,7 @@ def test_after_the_demo_the_ui_shows_its_runs_ticks_and_packaged_groups(tmp_path
     first = _demo(root)
     assert "filed 51 raw files" in first
     assert "5 packages" in first and "this demo ran 5 run(s), 0 failed" in first, first
-    assert "dagster-daemon stopped" in first
+    assert "turning the sensors on" in first and "dagster-daemon stopped" in first
     assert _processes_on(home) == []
     table = _table(first)
     assert len(table) == 6 and max(len(line) for line in table) <= 100, table
