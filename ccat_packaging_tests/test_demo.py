@@ -4,6 +4,7 @@ through the webserver's GraphQL what the UI shows, then `make demo` once more.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -178,12 +179,17 @@ def test_after_the_demo_the_ui_shows_its_runs_ticks_and_packaged_groups(tmp_path
         _assert_the_ui_shows(ui, groups)
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C
-        code = process.wait(timeout=90)
+        try:
+            code = process.wait(timeout=90)
+            left = _processes_on(home)
+        finally:
+            for pid in _processes_on(home):  # the test's own, should the UI leave any
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     output = (logs / "ui.log").read_text()
-    assert code == 0, output
+    assert code == 0 and left == [], output
     assert re.search(r"\w+Warning: ", output) is None, output  # Python's warnings
     assert "Telemetry" not in output and "Welcome to Dagster" not in output, output
-    assert _processes_on(home) == []
 
     second = _demo(root)
     assert "this demo ran 0 run(s)" in second and "5 packages" in second
