@@ -16,13 +16,10 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/ccat-packaging demo --root $(DEMO_ROOT)
 
-## The Dagster UI on the demo's data (run `make demo` first). DAGSTER_HOME keeps `dagster dev`
-## away from the production dagster.yaml in this directory.
+## The Dagster UI on the demo's data (run `make demo` first): dagster-daemon and
+## dagster-webserver on the demo's own instance (DAGSTER_HOME=$(DEMO_ROOT)/dagster_home).
 ui: $(BIN)/.installed
-	@test -f $(DEMO_ROOT)/ops_db.sqlite || { echo "run 'make demo' first"; exit 1; }
-	DAGSTER_HOME=$(abspath $(DEMO_ROOT))/dagster_home \
-	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_ROOT))/ops_db.sqlite \
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
+	$(BIN)/ccat-packaging ui --root $(DEMO_ROOT) --port $${PORT:-3000}
 
 ## Production processes on the PostgreSQL instance: DAGSTER_HOME, DAGSTER_PG_* and
 ## CCAT_OPS_DB_URL must be set (docs/operations.md). One daemon per instance.

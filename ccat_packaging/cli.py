@@ -269,7 +269,15 @@ def _verify(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ccat_packaging import demo
 
-    return demo.run(Path(args.root), reset=args.reset, size_scale=args.size_scale)
+    return demo.run(
+        Path(args.root), reset=args.reset, size_scale=args.size_scale, obs_units=args.obs_units
+    )
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from ccat_packaging import demo
+
+    return demo.serve_ui(Path(args.root), args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument(
         "--size-scale", type=float, default=1.0, help="multiply every demo file size by this"
     )
+    demo_cmd.add_argument(
+        "--obs-units", type=int, default=4, help="executed obs units per instrument (4)"
+    )
     demo_cmd.set_defaults(handler=_demo)
+    ui_cmd = commands.add_parser(
+        "ui", help="dagster-daemon and dagster-webserver on the demo's instance (make ui)"
+    )
+    ui_cmd.add_argument("--root", default=".ccat/demo", help="where the demo keeps its data")
+    ui_cmd.add_argument("--host", default="127.0.0.1", help="the webserver's address")
+    ui_cmd.add_argument("--port", type=int, default=3000, help="the webserver's port")
+    ui_cmd.set_defaults(handler=_ui)
     init_cmd = commands.add_parser("init-db", help="create the tables in CCAT_OPS_DB_URL")
     init_cmd.set_defaults(handler=_init_db)
     commands.add_parser(

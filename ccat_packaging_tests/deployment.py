@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from ccat_packaging.processes import start_group, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 LOCATION = "ccat_packaging"
@@ -57,15 +57,7 @@ def start_in_own_session(
     """``argv`` as the leader of a process group of its own (``stop_group`` stops all of it),
     its output appended to ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        return start_group(argv, env, cwd, out)
 
 
 def write_test_instance(home: Path, production: Path = REPO / "dagster.yaml") -> None:
@@ -132,12 +124,17 @@ def running_deployment(
                 [str(REPO / "scripts" / "run-dagster.sh"), name], env, logs / f"{name}.log"
             )
         deployment = Deployment(port, processes, logs)
-        wait_for("the webserver", lambda: _answers(deployment), timeout=90)
-        wait_for("the code location", lambda: _location_loaded(deployment), timeout=90)
+        wait_until_loaded(deployment)
         yield deployment
     finally:
         for process in processes.values():
             stop_group(process)
+
+
+def wait_until_loaded(deployment: Deployment, timeout: float = 90) -> None:
+    """Until the webserver answers and has loaded the code location (failing on its error)."""
+    wait_for("the webserver", lambda: _answers(deployment), timeout=timeout)
+    wait_for("the code location", lambda: _location_loaded(deployment), timeout=timeout)
 
 
 def _answers(deployment: Deployment) -> bool:
@@ -162,32 +159,3 @@ def _location_loaded(deployment: Deployment) -> bool:
         if entry["name"] == LOCATION and entry["loadStatus"] == "LOADED":
             return True
     return False
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the whole group, SIGKILL to whatever is left after 20 s."""
-    group = process.pid
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=0.2)
-            if not live_members(group):
-                return
-    raise AssertionError(f"processes {live_members(group)} of group {group} survived SIGKILL")
-
-
-def live_members(group: int) -> list[int]:
-    """Processes of a process group that are not zombies (an orphaned zombie waits for
-    whoever reaps orphans here, and holds nothing)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if int(pgrp) == group and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
