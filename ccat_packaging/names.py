@@ -31,6 +31,15 @@ CONCURRENCY_KEY_TAG = "dagster/concurrency_key"
 CELERY_QUEUE_TAG = "dagster-celery/queue"
 
 
+# workspace.yaml's location name, and the repository Dagster names a code location's
+# Definitions: how the GraphQL API selects our jobs.
+CODE_LOCATION = "ccat_packaging"
+REPOSITORY = "__repository__"
+
+# The one sensor that registers every location's file groups as partitions, launching nothing.
+DISCOVERY_SENSOR = "file_group_discovery"
+
+
 def job_name(location_slug: str) -> str:
     return f"package_{location_slug}"
 
@@ -41,6 +50,12 @@ def sensor_name(location_slug: str) -> str:
 
 def partitions_name(location_slug: str) -> str:
     return f"{location_slug}_file_groups"
+
+
+def partition_set_name(location_slug: str) -> str:
+    """The partition set Dagster derives from a partitioned job (op or asset job alike): what
+    a partition backfill names."""
+    return f"{job_name(location_slug)}_partition_set"
 
 
 def host_pool(host: str) -> str:

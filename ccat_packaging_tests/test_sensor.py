@@ -110,3 +110,26 @@ def test_a_tick_that_requests_runs_creates_its_host_pool_first(world) -> None:
         [pool] = instance.event_log_storage.get_pool_limits()
     # Made before any run claims a slot: concurrent first claims would race in Dagster.
     assert (pool.name, pool.limit, pool.from_default) == ("assembly_localhost", 2, True)
+
+
+def test_discovery_registers_each_new_group_once_and_launches_nothing(world) -> None:
+    groups = _site_with_groups(world, n_groups=2)
+    keys = [f"src__eou{g.eou_id}__mod{g.module_id}" for g in groups]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("src_file_groups", keys[:1])  # a sensor registered it
+        first = evaluate_sensor("file_group_discovery", instance)
+        assert not first.run_requests
+        added = {
+            r.partitions_def_name: list(r.partition_keys)
+            for r in first.dynamic_partitions_requests or []
+        }
+        assert added["src_file_groups"] == keys[1:]  # only what is not registered yet
+        assert len(added["other_file_groups"]) == 1
+        assert first.skip_reason is not None
+        assert first.skip_reason.skip_message == "new partitions registered: 'src' 1, 'other' 1"
+        world.file(groups[0], "late.dat")
+        again = evaluate_sensor("file_group_discovery", instance, cursor=first.cursor)
+    # The late file's group is past the cursor, and registered already: nothing to send.
+    assert not again.dynamic_partitions_requests
+    assert again.skip_reason is not None
+    assert again.skip_reason.skip_message == "new partitions registered: 'src' 0, 'other' 0"
