@@ -26,6 +26,8 @@ RUN_KEY_TAG = "dagster/run_key"
 PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 RETRY_NUMBER_TAG = "dagster/retry_number"
 RETRY_STRATEGY_TAG = "dagster/retry_strategy"
+BACKFILL_TAG = "dagster/backfill"
+PARTITION_TAG = "dagster/partition"
 CONCURRENCY_KEY_TAG = "dagster/concurrency_key"
 # dagster-celery's queue tag (dagster_celery.tags; that package is an optional extra).
 CELERY_QUEUE_TAG = "dagster-celery/queue"

@@ -201,6 +201,8 @@ def build_discovery_sensor(locations: list[SourceLocationRef]) -> dg.SensorDefin
             ]
             if new:
                 requests.append(dg.AddDynamicPartitionsRequest(partitions, new))
+                # A backfill of these from the UI starts several runs at once.
+                prepare_pool(context.instance, names.host_pool(location.host))
             counts.append(f"{location.name!r} {len(new)}")
         return dg.SensorResult(
             skip_reason=f"new partitions registered: {', '.join(counts) or 'no locations'}",

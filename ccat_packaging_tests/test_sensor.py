@@ -115,7 +115,8 @@ def test_a_tick_that_requests_runs_creates_its_host_pool_first(world) -> None:
 def test_discovery_registers_each_new_group_once_and_launches_nothing(world) -> None:
     groups = _site_with_groups(world, n_groups=2)
     keys = [f"src__eou{g.eou_id}__mod{g.module_id}" for g in groups]
-    with dg.instance_for_test() as instance:
+    pools = {"concurrency": {"pools": {"default_limit": 1}}}
+    with dg.instance_for_test(overrides=pools) as instance:
         instance.add_dynamic_partitions("src_file_groups", keys[:1])  # a sensor registered it
         first = evaluate_sensor("file_group_discovery", instance)
         assert not first.run_requests
@@ -127,6 +128,10 @@ def test_discovery_registers_each_new_group_once_and_launches_nothing(world) -> 
         assert len(added["other_file_groups"]) == 1
         assert first.skip_reason is not None
         assert first.skip_reason.skip_message == "new partitions registered: 'src' 1, 'other' 1"
+        # A backfill of them from the UI starts its runs at once: their pool exists first.
+        assert [p.name for p in instance.event_log_storage.get_pool_limits()] == [
+            "assembly_localhost"
+        ]
         world.file(groups[0], "late.dat")
         again = evaluate_sensor("file_group_discovery", instance, cursor=first.cursor)
     # The late file's group is past the cursor, and registered already: nothing to send.
