@@ -29,7 +29,7 @@ import dagster as dg
 from ccat_packaging import names, settings
 from ccat_packaging.errors import ConfigurationError, DagsterUnavailableError
 from ccat_packaging.operations import BackfillTarget
-from ccat_packaging.sensors import prepare_pool
+from ccat_packaging.sensors import prepare_pool, unregistered
 
 # The daemons that turn a backfill into started runs: the backfill daemon submits them, the
 # run queue's coordinator starts them.
@@ -90,7 +90,7 @@ def check_daemon(instance: dg.DagsterInstance) -> None:
 def register_partitions(instance: dg.DagsterInstance, slug: str, keys: list[str]) -> int:
     """Add the groups' partitions to the location's partition set; returns how many were new."""
     partitions = names.partitions_name(slug)
-    new = [k for k in keys if not instance.has_dynamic_partition(partitions, k)]
+    new = unregistered(instance, partitions, keys)
     instance.add_dynamic_partitions(partitions, new)
     return len(new)
 

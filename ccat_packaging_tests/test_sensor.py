@@ -11,6 +11,7 @@ from ccat_packaging.errors import DatabaseUnavailableError, NoActiveBufferError
 from ccat_packaging.models import LocationType
 from ccat_packaging.names import BUFFER_LOCATION_TAG
 from ccat_packaging.resources import OpsDatabase
+from ccat_packaging.sensors import CHECK_ONE_BY_ONE, unregistered
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
 
@@ -138,3 +139,11 @@ def test_discovery_registers_each_new_group_once_and_launches_nothing(world) -> 
     assert not again.dynamic_partitions_requests
     assert again.skip_reason is not None
     assert again.skip_reason.skip_message == "new partitions registered: 'src' 0, 'other' 0"
+
+
+@pytest.mark.parametrize("candidates", [5, CHECK_ONE_BY_ONE + 10], ids=["few", "many"])
+def test_unregistered_keys_are_found_by_point_checks_or_one_read(candidates: int) -> None:
+    keys = [f"src__eou{i}__mod1" for i in range(candidates)]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("src_file_groups", keys[::2])
+        assert unregistered(instance, "src_file_groups", keys) == keys[1::2]
