@@ -50,7 +50,7 @@ class _GraphQLAnswer(TypedDict, total=False):
 class LaunchedBackfill:
     backfill_id: str
     job: str
-    keys: list[str]
+    # How many of its partitions were not registered before.
     registered: int
     url: str
 
@@ -126,7 +126,7 @@ def launch(instance: dg.DagsterInstance, target: BackfillTarget, title: str) -> 
             f"the webserver at {url} refused the backfill: {answer['__typename']}: {message}{hint}"
         )
     backfill_id = str(answer["backfillId"])
-    return LaunchedBackfill(backfill_id, names.job_name(slug), keys, registered, url)
+    return LaunchedBackfill(backfill_id, names.job_name(slug), registered, url)
 
 
 def _graphql(url: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:

@@ -225,27 +225,20 @@ def _requeue(args: argparse.Namespace) -> int:
     for package in requeued:
         print(f"requeued {package.name}")
     print(f"{len(requeued)} package(s) requeued: pending, retry count 0")
-    by_location: dict[str, list[str]] = {}
+    targets: dict[str, operations.BackfillTarget] = {}
     for package in requeued:
-        keys = by_location.setdefault(package.location_slug, [])
-        if package.key not in keys:
-            keys.append(package.key)
+        target = targets.setdefault(
+            package.location_slug,
+            operations.BackfillTarget(package.location, package.location_slug, package.host, []),
+        )
+        if package.key not in target.keys:
+            target.keys.append(package.key)
     if args.launch:
-        targets: dict[str, operations.BackfillTarget] = {}
-        for package in requeued:
-            target = targets.setdefault(
-                package.location_slug,
-                operations.BackfillTarget(
-                    package.location, package.location_slug, package.host, []
-                ),
-            )
-            if package.key not in target.keys:
-                target.keys.append(package.key)
         _launch(list(targets.values()), "ccat-packaging requeue --launch")
         return 0
     sensors = _sensor_states()
-    for slug, keys in by_location.items():
-        print(_what_happens_next(slug, keys, sensors))
+    for target in targets.values():
+        print(_what_happens_next(target.slug, target.keys, sensors))
     return 0
 
 

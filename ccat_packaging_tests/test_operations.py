@@ -20,7 +20,9 @@ from dagster._daemon.types import DaemonHeartbeat
 from sqlalchemy import select
 
 from ccat_packaging import operations
+from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.cli import main
+from ccat_packaging.discovery import GroupKey
 from ccat_packaging.models import DiskDataLocation, LocationType, RawDataPackage, Status
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
@@ -321,3 +323,25 @@ def test_list_shows_packages_of_every_status_and_filters_them(world, capsys) -> 
     assert "no location named 'nope'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["list", "--older-than", "soon"])
+
+
+def test_a_backfill_takes_the_named_groups_or_every_waiting_and_unfinished_one(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE, host="ic1")
+    world.location(site, "buf", LocationType.BUFFER)
+    waiting, failed, done = world.group(src), world.group(src), world.group(src)
+    for group in (waiting, failed, done):
+        world.file(group, f"e{group.eou_id}/a.dat")
+    key = lambda g: f"src__eou{g.eou_id}__mod{g.module_id}"  # noqa: E731
+    for group, status in ((failed, Status.FAILED), (done, Status.COMPLETED)):
+        with world.session() as s:
+            claim_packages(s, GroupKey.parse(key(group)), PackageLimits(10**9, 100), "r1")
+            s.query(RawDataPackage).filter_by(executed_obs_unit_id=group.eou_id).update(
+                {"status": status}
+            )
+    with world.session() as s:
+        every = operations.backfill_groups(s, "src", [])
+        named = operations.backfill_groups(s, "src", [key(done), key(done)])
+    assert (every.location, every.slug, every.host) == ("src", "src", "ic1")
+    assert every.keys == [key(waiting), key(failed)]  # not the completed group
+    assert named.keys == [key(done)]  # named: any group with files there, once
