@@ -17,6 +17,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import Engine, select, update
 
+from ccat_packaging.backfills import DAEMONS
 from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.cli import main
 from ccat_packaging.discovery import GroupKey
@@ -69,10 +70,20 @@ def deployed(pg_admin: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iter
         src = world.location(site, "src", LocationType.SOURCE)
         world.location(site, "buf", LocationType.BUFFER)
         try:
-            with running_deployment(dict(os.environ), tmp / "logs", port) as deployment:
+            with (
+                running_deployment(dict(os.environ), tmp / "logs", port) as deployment,
+                dg.DagsterInstance.get() as instance,
+            ):
+                # The webserver may answer before the daemon's first heartbeat.
+                wait_for("the daemon's heartbeat", lambda: _daemon_beats(instance), timeout=60)
                 yield Deployed(world, deployment, src)
         finally:
             world.close()
+
+
+def _daemon_beats(instance: dg.DagsterInstance) -> bool:
+    statuses = instance.get_daemon_statuses(list(DAEMONS))
+    return all(status.healthy for status in statuses.values())
 
 
 def _key(group: Group) -> str:
