@@ -33,7 +33,7 @@ def tick_and_run(
     outcomes: list[RunOutcome] = []
     for sensor in definitions.sensors or []:
         if not sensor.has_jobs:
-            continue  # file_group_discovery: the location sensors' requests register partitions
+            continue  # file_group_discovery launches nothing; the requests below register keys
         job = definitions.resolve_job_def(sensor.job.name)
         partitions = job.partitions_def
         assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name

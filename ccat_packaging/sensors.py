@@ -215,7 +215,9 @@ def build_discovery_sensor(locations: list[SourceLocationRef]) -> dg.SensorDefin
         return dg.SensorResult(
             skip_reason=f"new partitions registered: {', '.join(counts) or 'no locations'}",
             dynamic_partitions_requests=requests,
-            cursor=serialize_discovery_cursor(cursors),
+            cursor=serialize_discovery_cursor(
+                {loc.slug: cursors[loc.slug] for loc in locations if loc.slug in cursors}
+            ),
         )
 
     return _discovery
