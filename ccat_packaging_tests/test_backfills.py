@@ -220,7 +220,12 @@ def test_with_the_sensor_stopped_a_new_group_is_discovered_and_backfilled_from_t
             assert [p.status for p in packages] == [Status.COMPLETED] * 3, packages
             return runs
 
-        runs = wait_for("the runs of both backfills to finish", all_done, timeout=240)
+        try:
+            runs = wait_for("the runs of both backfills to finish", all_done, timeout=240)
+        except TimeoutError as timeout:
+            pool = instance.event_log_storage.get_concurrency_info("assembly_localhost")
+            states = {r.run_id: (r.tags.get(PARTITION_TAG), r.status) for r in instance.get_runs()}
+            raise AssertionError(f"{timeout}: runs {states}, pool {pool}") from None
         failures = {  # a run that failed says why
             r.run_id: [e.message for e in instance.all_logs(r.run_id) if e.is_dagster_event]
             for r in runs
