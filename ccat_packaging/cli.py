@@ -174,6 +174,41 @@ def _dry_run(_: argparse.Namespace) -> int:
     return 1 if any(r.problem for r in rows) else 0
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    """Runs of a location's groups now, whatever its sensor's state: the operator's backfill."""
+    with _ops_session() as session:
+        target = operations.backfill_groups(session, args.location, args.group or [])
+    if not target.keys:
+        print(
+            f"nothing to backfill at {target.location!r}: no unpackaged files and no "
+            "unfinished packages"
+        )
+        return 0
+    _launch([target], f"ccat-packaging backfill {target.location}")
+    return 0
+
+
+def _launch(targets: list[operations.BackfillTarget], title: str) -> None:
+    """One backfill per location through the deployment's webserver, and what happens next."""
+    from ccat_packaging import backfills  # imports Dagster: only here
+
+    with backfills.dagster_instance() as instance:
+        for target in targets:
+            launched = backfills.launch(instance, target, title)
+            print(
+                f"backfill {launched.backfill_id} of {launched.job}: "
+                f"{len(target.keys)} partition(s), {launched.registered} newly registered"
+            )
+            for key in target.keys:
+                print(f"  {key}")
+            print(f"  {launched.url}/runs/b/{launched.backfill_id}?tab=runs")
+    print(
+        "next: the daemon submits one run per partition to the run queue; each starts when "
+        "max_concurrent_runs and its host's assembly pool allow, and re-drives its group's "
+        "failed packages (`ccat-packaging list --status failed` shows what is left)"
+    )
+
+
 def _requeue(args: argparse.Namespace) -> int:
     if not (args.package or args.location or args.all):
         print("say which: --package NAME, --location NAME or --all")
@@ -190,14 +225,20 @@ def _requeue(args: argparse.Namespace) -> int:
     for package in requeued:
         print(f"requeued {package.name}")
     print(f"{len(requeued)} package(s) requeued: pending, retry count 0")
-    by_location: dict[str, list[str]] = {}
+    targets: dict[str, operations.BackfillTarget] = {}
     for package in requeued:
-        keys = by_location.setdefault(package.location_slug, [])
-        if package.key not in keys:
-            keys.append(package.key)
+        target = targets.setdefault(
+            package.location_slug,
+            operations.BackfillTarget(package.location, package.location_slug, package.host, []),
+        )
+        if package.key not in target.keys:
+            target.keys.append(package.key)
+    if args.launch:
+        _launch(list(targets.values()), "ccat-packaging requeue --launch")
+        return 0
     sensors = _sensor_states()
-    for slug, keys in by_location.items():
-        print(_what_happens_next(slug, keys, sensors))
+    for target in targets.values():
+        print(_what_happens_next(target.slug, target.keys, sensors))
     return 0
 
 
@@ -286,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the paths whole
         epilog=f"{settings.OPS_DB_URL_ENV}: the operations database\n"
         f"  default: {settings.default_ops_db_url()}\n"
-        f"  when that file is missing, after `make demo`: sqlite:///{_demo_db()}",
+        f"  when that file is missing, after `make demo`: sqlite:///{_demo_db()}\n"
+        "CCAT_DAGSTER_URL: the webserver `backfill` and `requeue --launch` launch through\n"
+        "  default: http://127.0.0.1:3000; DAGSTER_HOME: the deployment's Dagster instance",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo_cmd = commands.add_parser("demo", help="package demo files end to end (SQLite, local)")
@@ -330,7 +373,27 @@ def main(argv: list[str] | None = None) -> int:
     requeue.add_argument("--package", help="one package, by name")
     requeue.add_argument("--location", help="every failed package of a SOURCE location")
     requeue.add_argument("--all", action="store_true", help="every failed package")
+    requeue.add_argument(
+        "--launch",
+        action="store_true",
+        help="then launch their groups' runs now, as `backfill` does, instead of leaving them "
+        "to the sensors",
+    )
     requeue.set_defaults(handler=_requeue)
+    backfill = commands.add_parser(
+        "backfill",
+        help="launch runs of a SOURCE location's groups now, through the Dagster webserver "
+        "(CCAT_DAGSTER_URL) and the run queue, whatever its sensor's state",
+    )
+    backfill.add_argument("location", help="the SOURCE location's name")
+    backfill.add_argument(
+        "--group",
+        action="append",
+        metavar="KEY",
+        help="a group's partition key <location>__eou<id>__mod<id> (repeatable); none: every "
+        "group with unpackaged files or unfinished packages",
+    )
+    backfill.set_defaults(handler=_backfill)
     verify = commands.add_parser(
         "verify", help="re-hash a completed package at its buffer and compare with the record"
     )

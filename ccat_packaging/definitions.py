@@ -1,5 +1,5 @@
-"""The code location: per SOURCE location a packaging job and its sensor; the retention job
-and its schedule; resources."""
+"""The code location: per SOURCE location a packaging job and its sensor; the discovery sensor
+that registers their partitions; the retention job and its schedule; resources."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ from ccat_packaging.jobs import build_package_job
 from ccat_packaging.maintenance import packaging_retention, packaging_retention_daily
 from ccat_packaging.monitoring import backlog_definitions
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
-from ccat_packaging.sensors import build_clash_sensor, build_source_location_sensor
+from ccat_packaging.sensors import (
+    build_clash_sensor,
+    build_discovery_sensor,
+    build_source_location_sensor,
+)
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
@@ -56,6 +60,7 @@ def defs() -> dg.Definitions:
         sensors=[
             *(build_source_location_sensor(loc, jobs[loc.slug]) for loc in usable),
             *(build_clash_sensor(slug, names) for slug, names in clashes.items()),
+            build_discovery_sensor(usable),
         ],
         resources={"ops_db": OpsDatabase(), "assembly_hosts": AssemblyHosts()},
     )

@@ -292,3 +292,63 @@ def packages_needing_a_run(
         StalePackage(GroupKey(slug, eou, mod), pid, _aware(at), name, owner)
         for pid, eou, mod, at, name, owner in rows
     ]
+
+
+def unfinished_groups(session: Session, location_id: int) -> list[GroupKey]:
+    """Groups with a package that is not completed (pending, scheduled, in progress or
+    failed): a run of the group builds or re-drives it, so its partition must exist even when
+    none of its files is unpackaged any more. One ``GROUP BY`` on the status index."""
+    location = session.get_one(DataLocation, location_id)
+    slug = location_slug(location.name)
+    group = (RawDataPackage.executed_obs_unit_id, RawDataPackage.instrument_module_id)
+    rows = session.execute(
+        select(*group)
+        .where(
+            RawDataPackage.source_location_id == location_id,
+            RawDataPackage.status.in_(
+                [Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS, Status.FAILED]
+            ),
+        )
+        .group_by(*group)
+        .order_by(*group)
+    ).all()
+    return [GroupKey(slug, eou, mod) for eou, mod in rows]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The groups of one location whose partitions one discovery tick makes sure exist, and
+    the location's cursor for the next tick."""
+
+    keys: list[str]
+    cursor: SensorCursor
+    rescanned: bool
+
+
+def discover_groups(
+    session: Session,
+    location_id: int,
+    cursor: SensorCursor,
+    now: float,
+    page: int,
+    rescan_seconds: int,
+) -> Discovery:
+    """Groups with unpackaged files filed since the cursor (at most ``page``, the location
+    sensor's own ``plan_tick``), and on a rescan also every unfinished package's group: a tick
+    when nothing was filed reads nothing, however many groups exist."""
+    tick = plan_tick(session, location_id, cursor, now, page, rescan_seconds)
+    keys = [str(g.key) for g in tick.groups]
+    if tick.rescanned:
+        keys += [str(k) for k in unfinished_groups(session, location_id) if str(k) not in keys]
+    return Discovery(keys, tick.cursor, tick.rescanned)
+
+
+def parse_discovery_cursor(raw: str | None) -> dict[str, SensorCursor]:
+    """The discovery sensor's cursor: one ``SensorCursor`` per location slug."""
+    if not raw:
+        return {}
+    return {slug: SensorCursor.parse(value) for slug, value in json.loads(raw).items()}
+
+
+def serialize_discovery_cursor(cursors: dict[str, SensorCursor]) -> str:
+    return json.dumps({slug: cursor.serialize() for slug, cursor in sorted(cursors.items())})

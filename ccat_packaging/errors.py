@@ -63,6 +63,10 @@ class StalledError(RetryableError):
         )
 
 
+class DagsterUnavailableError(PackagingError):
+    """The Dagster webserver or daemon that would launch an operator's runs does not answer."""
+
+
 class ConfigurationError(PackagingError):
     """The operations database describes something packaging cannot work with."""
 

@@ -33,9 +33,20 @@ RUN_KEY_TAG = "dagster/run_key"
 PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 RETRY_NUMBER_TAG = "dagster/retry_number"
 RETRY_STRATEGY_TAG = "dagster/retry_strategy"
+BACKFILL_TAG = "dagster/backfill"
+PARTITION_TAG = "dagster/partition"
 CONCURRENCY_KEY_TAG = "dagster/concurrency_key"
 # dagster-celery's queue tag (dagster_celery.tags; that package is an optional extra).
 CELERY_QUEUE_TAG = "dagster-celery/queue"
+
+
+# workspace.yaml's location name, and the repository Dagster names a code location's
+# Definitions: how the GraphQL API selects our jobs.
+CODE_LOCATION = "ccat_packaging"
+REPOSITORY = "__repository__"
+
+# The one sensor that registers every location's file groups as partitions, launching nothing.
+DISCOVERY_SENSOR = "file_group_discovery"
 
 
 def job_name(location_slug: str) -> str:
@@ -54,6 +65,12 @@ def backlog_asset(location_slug: str) -> dg.AssetKey:
 
 def partitions_name(location_slug: str) -> str:
     return f"{location_slug}_file_groups"
+
+
+def partition_set_name(location_slug: str) -> str:
+    """The partition set Dagster derives from a partitioned job (op or asset job alike): what
+    a partition backfill names."""
+    return f"{job_name(location_slug)}_partition_set"
 
 
 def host_pool(host: str) -> str:

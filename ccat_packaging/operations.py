@@ -22,12 +22,14 @@ from ccat_packaging.discovery import (
     location_slug,
     packages_needing_a_run,
     source_locations,
+    unfinished_groups,
     unpackaged_groups,
 )
 from ccat_packaging.errors import ConfigurationError, PackagingError
 from ccat_packaging.models import (
     DataLocation,
     DiskDataLocation,
+    LocationType,
     PhysicalCopyStatus,
     RawDataFile,
     RawDataPackage,
@@ -328,7 +330,10 @@ class Requeued:
     """A package taken back, with the group (partition) a run must be launched for."""
 
     name: str
+    location: str
     location_slug: str
+    # The SOURCE location's host: whose assembly pool its run waits for.
+    host: str
     key: str
 
 
@@ -354,19 +359,79 @@ def requeue_failed(
     rows = session.execute(
         select(
             RawDataPackage.name,
-            DataLocation.name,
+            DiskDataLocation.name,
+            DiskDataLocation.host,
             RawDataPackage.executed_obs_unit_id,
             RawDataPackage.instrument_module_id,
         )
-        .join(DataLocation, DataLocation.id == RawDataPackage.source_location_id)
+        .join(DiskDataLocation, DiskDataLocation.id == RawDataPackage.source_location_id)
         .where(RawDataPackage.name.in_(names))
         .order_by(RawDataPackage.name)
     ).all()
     requeued = []
-    for name, location_name, eou, mod in rows:
+    for name, location_name, host, eou, mod in rows:
         slug = location_slug(location_name)
-        requeued.append(Requeued(name, slug, str(GroupKey(slug, eou, mod))))
+        requeued.append(Requeued(name, location_name, slug, host, str(GroupKey(slug, eou, mod))))
     return requeued
+
+
+# More groups than this in one backfill is a backlog for the location's sensor, not a recipe.
+MAX_BACKFILL_GROUPS = 10_000
+
+
+@dataclass(frozen=True)
+class BackfillTarget:
+    """The groups (partitions) of one SOURCE location that a backfill launches runs of."""
+
+    location: str
+    slug: str
+    host: str
+    keys: list[str]
+
+
+def backfill_groups(session: Session, location: str, keys: list[str]) -> BackfillTarget:
+    """The named groups of a SOURCE location, each checked to have files there; none named:
+    every group with unpackaged files or an unfinished package (``failed`` included: a
+    backfill re-drives it), the same groups the discovery sensor registers."""
+    row = session.scalars(
+        select(DiskDataLocation).where(
+            DiskDataLocation.name == location,
+            DiskDataLocation.location_type == LocationType.SOURCE,
+        )
+    ).one_or_none()
+    if row is None:
+        raise ConfigurationError(
+            f"no SOURCE location named {location!r} (`ccat-packaging status` lists them)"
+        )
+    slug = location_slug(row.name)
+    if keys:
+        for key in keys:
+            group = GroupKey.parse(key)
+            has_files = group.location_slug == slug and session.scalar(
+                select(func.count())
+                .select_from(RawDataFile)
+                .where(
+                    RawDataFile.source_location_id == row.id,
+                    RawDataFile.executed_obs_unit_id == group.executed_obs_unit_id,
+                    RawDataFile.instrument_module_id == group.instrument_module_id,
+                )
+            )
+            if not has_files:
+                raise ConfigurationError(
+                    f"group {key} has no files at {location!r} "
+                    "(`ccat-packaging dry-run` lists the groups waiting)"
+                )
+        return BackfillTarget(row.name, slug, row.host, list(dict.fromkeys(keys)))
+    waiting = [
+        str(g.key) for g in unpackaged_groups(session, row.id, None, MAX_BACKFILL_GROUPS + 1)
+    ]
+    found = list(dict.fromkeys([*waiting, *(str(k) for k in unfinished_groups(session, row.id))]))
+    if len(found) > MAX_BACKFILL_GROUPS:
+        raise ConfigurationError(
+            f"more than {MAX_BACKFILL_GROUPS} groups wait at {location!r}: start its sensor, "
+            "or name groups with --group"
+        )
+    return BackfillTarget(row.name, slug, row.host, found)
 
 
 @dataclass(frozen=True)

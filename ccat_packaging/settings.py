@@ -30,6 +30,12 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def dagster_url() -> str:
+    """``CCAT_DAGSTER_URL``: the Dagster webserver through whose GraphQL API ``ccat-packaging
+    backfill`` and ``requeue --launch`` launch runs (``make prod-webserver``'s default)."""
+    return (os.environ.get("CCAT_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
+
+
 def run_queues() -> str:
     """``CCAT_RUN_QUEUES``: per-location Celery queues, ``location name=queue,...``
     (parsed and checked by ``run_placement``)."""

@@ -6,6 +6,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,9 @@ def pg_admin() -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def pg_url(pg_admin: Engine) -> Iterator[str]:
-    """A scratch database with the schema, dropped after the test."""
+@contextmanager
+def scratch_ops_db(pg_admin: Engine) -> Iterator[str]:
+    """A scratch database with the schema, dropped on the way out."""
     name = f"ccat_test_{uuid.uuid4().hex[:12]}"
     with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -51,28 +52,46 @@ def pg_url(pg_admin: Engine) -> Iterator[str]:
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     engine.dispose()
-    yield url
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield url
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture
-def dagster_pg_env(pg_admin: Engine) -> Iterator[dict[str, str]]:
+@contextmanager
+def scratch_dagster_db(pg_admin: Engine) -> Iterator[dict[str, str]]:
     """An empty database for a Dagster instance and the ``DAGSTER_PG_*`` variables that the
     production dagster.yaml reads; Dagster creates its tables on first use."""
     name = f"ccat_dagster_{uuid.uuid4().hex[:12]}"
     with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin = pg_admin.url
-    yield {
-        "DAGSTER_PG_USER": admin.username or "postgres",
-        "DAGSTER_PG_PASSWORD": admin.password or "",
-        "DAGSTER_PG_HOST": admin.host or "127.0.0.1",
-        "DAGSTER_PG_PORT": str(admin.port or 5432),
-        "DAGSTER_PG_DB": name,
-    }
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield {
+            "DAGSTER_PG_USER": admin.username or "postgres",
+            "DAGSTER_PG_PASSWORD": admin.password or "",
+            "DAGSTER_PG_HOST": admin.host or "127.0.0.1",
+            "DAGSTER_PG_PORT": str(admin.port or 5432),
+            "DAGSTER_PG_DB": name,
+        }
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_url(pg_admin: Engine) -> Iterator[str]:
+    """A scratch database with the schema, dropped after the test."""
+    with scratch_ops_db(pg_admin) as url:
+        yield url
+
+
+@pytest.fixture
+def dagster_pg_env(pg_admin: Engine) -> Iterator[dict[str, str]]:
+    """An empty Dagster instance database and its ``DAGSTER_PG_*`` variables."""
+    with scratch_dagster_db(pg_admin) as env:
+        yield env
 
 
 @pytest.fixture

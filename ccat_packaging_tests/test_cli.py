@@ -14,7 +14,15 @@ from ccat_packaging.db import make_engine
 from ccat_packaging.models import Base
 
 SECRET = "s3cr3t"
-COMMANDS = [["init-db"], ["status"], ["list"], ["dry-run"], ["requeue", "--all"], ["verify", "pkg"]]
+COMMANDS = [
+    ["init-db"],
+    ["status"],
+    ["list"],
+    ["dry-run"],
+    ["requeue", "--all"],
+    ["verify", "pkg"],
+    ["backfill", "src"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -76,6 +84,8 @@ def test_help_names_the_database_setting_and_its_default(
         f"  default: sqlite:///{tmp_path}/.ccat/ops_db.sqlite\n"
         f"  when that file is missing, after `make demo`: sqlite:///{tmp_path}/.ccat/demo/"
         "ops_db.sqlite\n"
+        "CCAT_DAGSTER_URL: the webserver `backfill` and `requeue --launch` launch through\n"
+        "  default: http://127.0.0.1:3000; DAGSTER_HOME: the deployment's Dagster instance\n"
     )
 
 
@@ -84,7 +94,7 @@ def test_reading_a_missing_database_is_one_line_and_creates_nothing(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CCAT_OPS_DB_URL", raising=False)
-    for command in (["status"], ["list"], ["dry-run"], ["requeue", "--all"], ["verify", "p"]):
+    for command in COMMANDS[1:]:
         assert main(command) == 1
         assert capsys.readouterr().out == (
             f"error: operations database sqlite:///{tmp_path}/.ccat/ops_db.sqlite does not "

@@ -20,9 +20,12 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
     definitions = defs()
     dg.Definitions.validate_loadable(definitions)
     assert sorted(s.name for s in definitions.sensors or []) == [
+        "file_group_discovery",
         "package_chai_raw_data_sensor",
         "package_primecam_raw_data_sensor",
     ]
+    discovery = definitions.resolve_sensor_def("file_group_discovery")
+    assert discovery.default_status == dg.DefaultSensorStatus.RUNNING and not discovery.has_jobs
     # (Dagster's implicit job of all assets, "__ASSET_JOB", aside)
     assert sorted(j.name for j in definitions.resolve_all_job_defs() if j.name[:2] != "__") == [
         "package_chai_raw_data",
@@ -86,7 +89,10 @@ def test_a_database_outage_at_load_keeps_the_sensors_of_the_last_load(
     down = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
     monkeypatch.setenv("CCAT_OPS_DB_URL", down)
     definitions = defs()
-    assert [s.name for s in definitions.sensors or []] == ["package_primecam_raw_sensor"]
+    assert [s.name for s in definitions.sensors or []] == [
+        "package_primecam_raw_sensor",
+        "file_group_discovery",
+    ]
     sensor = definitions.resolve_sensor_def("package_primecam_raw_sensor")
     with (
         dg.instance_for_test() as instance,
@@ -105,6 +111,7 @@ def test_locations_under_one_sensor_name_unload_only_their_own_sensor(world) -> 
     definitions = defs()
     dg.Definitions.validate_loadable(definitions)
     assert sorted(s.name for s in definitions.sensors or []) == [
+        "file_group_discovery",
         "package_chai_raw_sensor",
         "package_prime_cam_sensor",
     ]

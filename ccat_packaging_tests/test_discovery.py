@@ -7,17 +7,22 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
+from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.discovery import (
     GroupKey,
     SensorCursor,
+    discover_groups,
     location_slug,
+    parse_discovery_cursor,
     plan_tick,
     sensor_name_clashes,
+    serialize_discovery_cursor,
     source_location_for,
     source_locations,
+    unfinished_groups,
 )
 from ccat_packaging.errors import ConfigurationError
-from ccat_packaging.models import LocationType, RawDataFile
+from ccat_packaging.models import LocationType, RawDataFile, RawDataPackage, Status
 
 SOURCE, BUFFER = LocationType.SOURCE, LocationType.BUFFER
 
@@ -120,3 +125,46 @@ def test_rescan_starts_over_to_catch_late_commits(world) -> None:
     assert quiet.groups == [] and not quiet.rescanned
     assert rescan.rescanned
     assert {g.key.executed_obs_unit_id for g in rescan.groups} == {g_old.eou_id, g_new.eou_id}
+
+
+def test_discovery_finds_new_groups_from_its_cursor_and_unfinished_ones_on_a_rescan(
+    world,
+) -> None:
+    """What ``file_group_discovery`` registers: every group with unpackaged files, once, and
+    the groups of packages not completed (failed ones too: a backfill re-drives them)."""
+    site = world.site()
+    src = world.location(site, "src", SOURCE)
+    other = world.location(site, "other", SOURCE)
+    world.location(site, "buf", BUFFER)
+    waiting, failed, done = world.group(src), world.group(src), world.group(src)
+    world.file(world.group(other), "elsewhere.dat")  # another location's partition set
+    for group in (waiting, failed, done):
+        world.file(group, f"e{group.eou_id}/a.dat")
+    with world.session() as s:
+        limits = PackageLimits(10**9, 100)
+        claim_packages(s, GroupKey("src", failed.eou_id, failed.module_id), limits, "run-1")
+        claim_packages(s, GroupKey("src", done.eou_id, done.module_id), limits, "run-2")
+        s.execute(
+            update(RawDataPackage)
+            .where(RawDataPackage.executed_obs_unit_id == failed.eou_id)
+            .values(status=Status.FAILED)
+        )
+        s.execute(
+            update(RawDataPackage)
+            .where(RawDataPackage.executed_obs_unit_id == done.eou_id)
+            .values(status=Status.COMPLETED)
+        )
+    key = lambda g: f"src__eou{g.eou_id}__mod{g.module_id}"  # noqa: E731
+    with world.session() as s:
+        assert [str(k) for k in unfinished_groups(s, src)] == [key(failed)]
+        first = discover_groups(s, src, SensorCursor(), now=0.0, page=10, rescan_seconds=600)
+    assert first.rescanned and first.keys == [key(waiting), key(failed)]
+    cursors = parse_discovery_cursor(serialize_discovery_cursor({"src": first.cursor}))
+    with world.session() as s:
+        quiet = discover_groups(s, src, cursors["src"], now=10.0, page=10, rescan_seconds=600)
+    assert quiet.keys == [] and not quiet.rescanned  # nothing filed: nothing read again
+    newcomer = world.group(src)
+    world.file(newcomer, "new.dat")
+    with world.session() as s:
+        later = discover_groups(s, src, quiet.cursor, now=20.0, page=10, rescan_seconds=600)
+    assert later.keys == [key(newcomer)]

@@ -21,7 +21,9 @@ from dagster._daemon.types import DaemonHeartbeat
 from sqlalchemy import select, update
 
 from ccat_packaging import operations
+from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.cli import main
+from ccat_packaging.discovery import GroupKey
 from ccat_packaging.models import (
     DiskDataLocation,
     LocationType,
@@ -430,3 +432,25 @@ def test_buffer_space_measures_each_active_buffer_and_names_one_that_does_not_an
         and none.free is None
         and none.problem == ("site 'cologne' has no active BUFFER location; add or activate one")
     )
+
+
+def test_a_backfill_takes_the_named_groups_or_every_waiting_and_unfinished_one(world) -> None:
+    site = world.site()
+    src = world.location(site, "src", LocationType.SOURCE, host="ic1")
+    world.location(site, "buf", LocationType.BUFFER)
+    waiting, failed, done = world.group(src), world.group(src), world.group(src)
+    for group in (waiting, failed, done):
+        world.file(group, f"e{group.eou_id}/a.dat")
+    key = lambda g: f"src__eou{g.eou_id}__mod{g.module_id}"  # noqa: E731
+    for group, status in ((failed, Status.FAILED), (done, Status.COMPLETED)):
+        with world.session() as s:
+            claim_packages(s, GroupKey.parse(key(group)), PackageLimits(10**9, 100), "r1")
+            s.query(RawDataPackage).filter_by(executed_obs_unit_id=group.eou_id).update(
+                {"status": status}
+            )
+    with world.session() as s:
+        every = operations.backfill_groups(s, "src", [])
+        named = operations.backfill_groups(s, "src", [key(done), key(done)])
+    assert (every.location, every.slug, every.host) == ("src", "src", "ic1")
+    assert every.keys == [key(waiting), key(failed)]  # not the completed group
+    assert named.keys == [key(done)]  # named: any group with files there, once

@@ -11,6 +11,7 @@ from ccat_packaging.errors import DatabaseUnavailableError, NoActiveBufferError
 from ccat_packaging.models import LocationType
 from ccat_packaging.names import BUFFER_LOCATION_TAG
 from ccat_packaging.resources import OpsDatabase
+from ccat_packaging.sensors import CHECK_ONE_BY_ONE, unregistered
 from ccat_packaging_tests.dagster_helpers import evaluate_sensor, run_partition
 
 
@@ -110,3 +111,39 @@ def test_a_tick_that_requests_runs_creates_its_host_pool_first(world) -> None:
         [pool] = instance.event_log_storage.get_pool_limits()
     # Made before any run claims a slot: concurrent first claims would race in Dagster.
     assert (pool.name, pool.limit, pool.from_default) == ("assembly_localhost", 2, True)
+
+
+def test_discovery_registers_each_new_group_once_and_launches_nothing(world) -> None:
+    groups = _site_with_groups(world, n_groups=2)
+    keys = [f"src__eou{g.eou_id}__mod{g.module_id}" for g in groups]
+    pools = {"concurrency": {"pools": {"default_limit": 1}}}
+    with dg.instance_for_test(overrides=pools) as instance:
+        instance.add_dynamic_partitions("src_file_groups", keys[:1])  # a sensor registered it
+        first = evaluate_sensor("file_group_discovery", instance)
+        assert not first.run_requests
+        added = {
+            r.partitions_def_name: list(r.partition_keys)
+            for r in first.dynamic_partitions_requests or []
+        }
+        assert added["src_file_groups"] == keys[1:]  # only what is not registered yet
+        assert len(added["other_file_groups"]) == 1
+        assert first.skip_reason is not None
+        assert first.skip_reason.skip_message == "new partitions registered: 'src' 1, 'other' 1"
+        # A backfill of them from the UI starts its runs at once: their pool exists first.
+        assert [p.name for p in instance.event_log_storage.get_pool_limits()] == [
+            "assembly_localhost"
+        ]
+        world.file(groups[0], "late.dat")
+        again = evaluate_sensor("file_group_discovery", instance, cursor=first.cursor)
+    # The late file's group is past the cursor, and registered already: nothing to send.
+    assert not again.dynamic_partitions_requests
+    assert again.skip_reason is not None
+    assert again.skip_reason.skip_message == "new partitions registered: 'src' 0, 'other' 0"
+
+
+@pytest.mark.parametrize("candidates", [5, CHECK_ONE_BY_ONE + 10], ids=["few", "many"])
+def test_unregistered_keys_are_found_by_point_checks_or_one_read(candidates: int) -> None:
+    keys = [f"src__eou{i}__mod1" for i in range(candidates)]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("src_file_groups", keys[::2])
+        assert unregistered(instance, "src_file_groups", keys) == keys[1::2]
