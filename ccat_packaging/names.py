@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import re
 
-# The asset whose partitions (file groups) show every package's completions and failures.
-PACKAGES_ASSET = "raw_data_packages"
+import dagster as dg
+
+# The asset group of every location's packages asset in the UI's catalog.
+PACKAGING_GROUP = "packaging"
+# The asset check that re-hashes a group's packages at their buffer.
+FIXITY_CHECK = "fixity_at_rest"
 
 # On every run of this code location (job tags are copied to runs): what run retention deletes.
 PIPELINE_TAG = "ccat/pipeline"
@@ -26,6 +30,7 @@ RUN_KEY_TAG = "dagster/run_key"
 PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 RETRY_NUMBER_TAG = "dagster/retry_number"
 RETRY_STRATEGY_TAG = "dagster/retry_strategy"
+PARTITION_TAG = "dagster/partition"
 CONCURRENCY_KEY_TAG = "dagster/concurrency_key"
 # dagster-celery's queue tag (dagster_celery.tags; that package is an optional extra).
 CELERY_QUEUE_TAG = "dagster-celery/queue"
@@ -33,6 +38,12 @@ CELERY_QUEUE_TAG = "dagster-celery/queue"
 
 def job_name(location_slug: str) -> str:
     return f"package_{location_slug}"
+
+
+def packages_asset(location_slug: str) -> dg.AssetKey:
+    """A location's packages, one partition per file group: each partition's status (failed,
+    materialized) is its group's."""
+    return dg.AssetKey(["raw_data_packages", location_slug])
 
 
 def sensor_name(location_slug: str) -> str:

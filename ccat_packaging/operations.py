@@ -21,6 +21,7 @@ from ccat_packaging.discovery import (
     StalePackage,
     location_slug,
     packages_needing_a_run,
+    source_location_for,
     source_locations,
     unpackaged_groups,
 )
@@ -80,6 +81,10 @@ def backlog(session: Session) -> list[LocationBacklog]:
     return result
 
 
+# More parts than one file group ever has (each is up to CCAT_PACKAGE_MAX_BYTES).
+GROUP_LIMIT = 10_000
+
+
 @dataclass(frozen=True)
 class PackageListing:
     """One package as an operator looks for it: what it holds, where it lies, why it failed."""
@@ -101,10 +106,12 @@ def list_packages(
     location: str | None = None,
     older_than: timedelta | None = None,
     limit: int = 100,
+    group: GroupKey | None = None,
 ) -> list[PackageListing]:
     """Up to ``limit`` packages, oldest change first. ``location`` matches the SOURCE they
     came from or a location holding a copy; ``older_than`` keeps those unchanged for at least
-    that long, so a package stuck in one state is found among thousands."""
+    that long, so a package stuck in one state is found among thousands; ``group`` keeps the
+    parts of one file group (what its partition of the packages asset covers)."""
     files = (
         select(RawDataFile.raw_data_package_id, func.count().label("n"))
         .where(RawDataFile.raw_data_package_id.is_not(None))
@@ -131,6 +138,12 @@ def list_packages(
         )
     if older_than is not None:
         query = query.where(RawDataPackage.updated_at < datetime.now(UTC) - older_than)
+    if group is not None:
+        query = query.where(
+            RawDataPackage.source_location_id == source_location_for(session, group).id,
+            RawDataPackage.executed_obs_unit_id == group.executed_obs_unit_id,
+            RawDataPackage.instrument_module_id == group.instrument_module_id,
+        )
     rows = session.execute(query).all()
     paths = _copy_paths(session, [package.id for package, _ in rows])
     return [

@@ -2,6 +2,7 @@
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,6 +19,12 @@ from ccat_packaging.discovery import (
 from ccat_packaging.errors import ConfigurationError, DatabaseUnavailableError
 from ccat_packaging.models import DataLocation
 from ccat_packaging.registration import stale_cutoff
+
+if TYPE_CHECKING:
+    # The type define_asset_job returns: Dagster 1.13 does not export it.
+    from dagster._core.definitions.unresolved_asset_job_definition import (
+        UnresolvedAssetJobDefinition,
+    )
 from ccat_packaging.resources import OpsDatabase
 
 
@@ -47,7 +54,7 @@ def prepare_pool(instance: dg.DagsterInstance, pool: str) -> None:
 
 
 def build_source_location_sensor(
-    location: SourceLocationRef, job: dg.JobDefinition
+    location: SourceLocationRef, job: "UnresolvedAssetJobDefinition"
 ) -> dg.SensorDefinition:
     partitions = dg.DynamicPartitionsDefinition(name=names.partitions_name(location.slug))
 

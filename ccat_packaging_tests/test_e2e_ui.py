@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.names import host_pool
+from ccat_packaging_tests.dagster_helpers import op_of
 from ccat_packaging_tests.deployment import (
     LOCATION,
     REPO,
@@ -181,7 +182,7 @@ def _step_times(instance: dg.DagsterInstance, run_id: str, step: str) -> list[fl
             dg.DagsterEventType.STEP_FAILURE,
         },
     )
-    return [e.timestamp for e in events if str(e.step_key).startswith(step)]
+    return [e.timestamp for e in events if op_of(e.step_key) == step]
 
 
 def _blocked_by_the_pool(instance: dg.DagsterInstance, run_id: str) -> float | None:
@@ -191,7 +192,7 @@ def _blocked_by_the_pool(instance: dg.DagsterInstance, run_id: str) -> float | N
         (
             e.timestamp
             for e in events
-            if str(e.step_key).startswith("assemble_tar")
+            if op_of(e.step_key) == "assemble_tar"
             and e.dagster_event is not None
             and e.dagster_event.message == f"Step blocked by limit for pool {POOL}"
         ),
