@@ -205,7 +205,7 @@ def build_package_asset(location: SourceLocationRef) -> dg.AssetsDefinition:
             f"{location.host}) at their buffer, one partition per file group."
         ),
     )
-    def packages() -> None:
+    def packages() -> object:  # the handle of summarise_group's output, which Dagster types
         built = create_package_records().map(lambda p: register_at_buffer(checksum(assemble(p))))
         return summarise_group(built.collect())
 
@@ -223,7 +223,7 @@ def _file_groups(location: SourceLocationRef) -> dg.DynamicPartitionsDefinition:
 
 def build_package_job(location: SourceLocationRef) -> "UnresolvedAssetJobDefinition":
     """The packaging job of one SOURCE location: its packages asset, without the fixity check
-    (an operator runs that from the UI; a packaging run has just verified what it built)."""
+    (an operator runs that on its own; a packaging run has just verified what it built)."""
     return dg.define_asset_job(
         name=names.job_name(location.slug),
         selection=dg.AssetSelection.assets(names.packages_asset(location.slug)).without_checks(),
