@@ -5,22 +5,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
 from sqlalchemy import select, update
 
+from ccat_packaging.assembly.hosts import is_same_host
 from ccat_packaging.models import DiskDataLocation, LocationType, RawDataPackage
 from ccat_packaging_tests.dagster_helpers import run_fixity_check, run_partition
-from ccat_packaging_tests.sshd import free_port
+from ccat_packaging_tests.sshd import SshLab, free_port
+
+pytest_plugins = ["ccat_packaging_tests.ssh_fixtures"]
 
 
-def _packaged(world) -> tuple[str, Path, RawDataPackage, int]:
+def _packaged(world, **buffer_at: Any) -> tuple[str, Path, RawDataPackage, int]:
     """A group of two files packaged by a real run: its key, the buffer copy, the package
-    and the buffer's location id."""
+    and the buffer's location id. ``buffer_at``: the buffer's host, port and user."""
     site = world.site()
     src = world.location(site, "src", LocationType.SOURCE)
-    buf = world.location(site, "buf", LocationType.BUFFER)
+    buf = world.location(site, "buf", LocationType.BUFFER, **buffer_at)
     group = world.group(src)
     world.file_bytes(group, "a.fits")
     world.file_bytes(group, "deep/b.fits")
@@ -87,6 +91,22 @@ def test_a_damaged_package_fails_naming_it_and_its_path(
     assert row["expected_checksum"] == f"sha256:{package.checksum}"
     assert row["actual_checksum"] != row["expected_checksum"]
     assert str(row["error"]).startswith(problem)
+
+
+def test_a_copy_on_an_ssh_host_is_hashed_there(
+    world, ssh_lab: SshLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CCAT_SSH_KEY_FILE", str(ssh_lab.client_key))
+    monkeypatch.setenv("CCAT_SSH_KNOWN_HOSTS", str(ssh_lab.known_hosts))
+    server = ssh_lab.b
+    assert not is_same_host(server.address)  # so the check reaches it over SSH
+    key, copy, package, _ = _packaged(world, host=server.address, port=server.port, user="root")
+    with dg.instance_for_test() as instance:
+        assert run_fixity_check(instance, key).passed
+        _flip_one_byte(copy)
+        evaluation = run_fixity_check(instance, key)
+    assert not evaluation.passed
+    assert f"{package.name} at {copy}: checksum sha256:" in str(evaluation.description)
 
 
 def test_a_missing_copy_fails_with_its_path(world) -> None:
