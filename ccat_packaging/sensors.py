@@ -19,13 +19,13 @@ from ccat_packaging.discovery import (
 from ccat_packaging.errors import ConfigurationError, DatabaseUnavailableError
 from ccat_packaging.models import DataLocation
 from ccat_packaging.registration import stale_cutoff
+from ccat_packaging.resources import OpsDatabase
 
 if TYPE_CHECKING:
     # The type define_asset_job returns: Dagster 1.13 does not export it.
     from dagster._core.definitions.unresolved_asset_job_definition import (
         UnresolvedAssetJobDefinition,
     )
-from ccat_packaging.resources import OpsDatabase
 
 
 def run_key(group_key: str, file_count: int, newest_filed_at: float) -> str:
