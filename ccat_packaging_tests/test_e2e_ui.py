@@ -470,7 +470,8 @@ def _browse(
             page,
             "04_partitions",
             f"/locations/{LOCATION}/jobs/{PRIMECAM}/partitions",
-            [site.key(site.a), site.key(site.b), "Backfill history"],
+            # The groups themselves are listed on the asset's page (08).
+            ["Total partitions", "raw_data_packages/primecam_raw", "Backfill history"],
         )
         shot(page, "05_backfill", f"/runs/b/{backfill_id}?tab=runs", ["Succeeded"])
         page.goto(f"{deployment.url}/runs/{run_id}")
