@@ -46,7 +46,7 @@ from ccat_packaging import names
 from ccat_packaging.assembly import archive
 from ccat_packaging.db import make_engine
 from ccat_packaging.discovery import SourceLocationRef
-from ccat_packaging.jobs import build_package_job
+from ccat_packaging.jobs import build_package_asset, build_package_job
 from ccat_packaging.models import Base, LocationType
 from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
@@ -166,14 +166,12 @@ def _job_here(probe: Probe) -> dict[str, float]:
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(names.partitions_name(location.slug), [probe["partition"]])
         started = time.perf_counter()
-        result = build_package_job(location).execute_in_process(
-            partition_key=probe["partition"],
-            instance=instance,
-            resources={
-                "ops_db": OpsDatabase(),
-                "assembly_hosts": AssemblyHosts(),
-            },
-        )
+        job = dg.Definitions(
+            assets=[build_package_asset(location)],
+            jobs=[build_package_job(location)],
+            resources={"ops_db": OpsDatabase(), "assembly_hosts": AssemblyHosts()},
+        ).resolve_job_def(names.job_name(location.slug))
+        result = job.execute_in_process(partition_key=probe["partition"], instance=instance)
         seconds = time.perf_counter() - started
     if not result.success:
         raise RuntimeError("the packaging job failed")

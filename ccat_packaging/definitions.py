@@ -1,5 +1,6 @@
-"""The code location: per SOURCE location a packaging job and its sensor; the discovery sensor
-that registers their partitions; the retention job and its schedule; resources."""
+"""The code location: per SOURCE location a packages asset with its fixity check, the job that
+materializes it and its sensor; the discovery sensor that registers their partitions; the
+backlog assets; the retention job and its schedule; resources."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ccat_packaging import location_cache, settings
 from ccat_packaging.db import failure, make_engine, session_scope
 from ccat_packaging.discovery import SourceLocationRef, sensor_name_clashes, source_locations
 from ccat_packaging.errors import ConfigurationError
-from ccat_packaging.jobs import build_package_job
+from ccat_packaging.jobs import build_fixity_check_of, build_package_asset, build_package_job
 from ccat_packaging.maintenance import packaging_retention, packaging_retention_daily
 from ccat_packaging.monitoring import backlog_definitions
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
@@ -55,6 +56,8 @@ def defs() -> dg.Definitions:
     usable = [loc for loc in locations if loc.slug not in clashes]
     jobs = {location.slug: build_package_job(location) for location in usable}
     packaging = dg.Definitions(
+        assets=[build_package_asset(location) for location in usable],
+        asset_checks=[build_fixity_check_of(location) for location in usable],
         jobs=[*jobs.values(), packaging_retention],
         schedules=[packaging_retention_daily],
         sensors=[

@@ -1,26 +1,39 @@
-"""The packaging job of a SOURCE location: its ops and the factory that builds it.
+"""The packages asset of a SOURCE location, its ops, and the job that materializes it.
 
-Each location has its own job and partition set, so its partitions page lists only its groups
-and its assemblies share the pool of its host. Ops take nothing but the partition key and the
-database, so a sensor run, a UI or CLI backfill and a re-execution all do the same thing.
-``create_package_records`` fans out one branch per package of the group (a resumed unfinished
-one, new numbered parts); each branch assembles, checksums and registers its package. Every op
-is safe to run again: one that finds its package already completed does nothing. What a failure
-leads to is ``failure_policy``'s decision, applied to every op by ``op_failures``.
+Each location has its own asset (``names.packages_asset``), partitioned by its file groups, and
+its own asset job, so its partitions page lists only its groups and its assemblies share the
+pool of its host. The asset is backed by a graph of typed ops: ``create_package_records`` fans
+out one branch per package of the group (a resumed unfinished one, new numbered parts); each
+branch assembles, checksums and registers its package; ``summarise_group`` collects the branches
+into the asset's output. A run in which any branch fails leaves the partition failed in the UI;
+the next successful run of that group materializes it. Ops take nothing but the partition key
+and the database, so a sensor run, a UI or CLI backfill and a re-execution all do the same
+thing. Every op is safe to run again: one that finds its package already completed does nothing.
+What a failure leads to is ``failure_policy``'s decision, applied to every op by ``op_failures``.
 """
 
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from ccat_packaging import failure_policy, influx, names, op_failures, run_metadata, settings
+from ccat_packaging import (
+    failure_policy,
+    influx,
+    names,
+    op_failures,
+    operations,
+    run_metadata,
+    settings,
+)
 from ccat_packaging.assembly import archive as assembly
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.buffer_choice import assemble_at_first_usable_buffer, buffer_candidates
 from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.discovery import GroupKey, SourceLocationRef
+from ccat_packaging.fixity import build_fixity_check
 from ccat_packaging.models import RawDataPackage, Status
 from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.registration import (
@@ -32,6 +45,12 @@ from ccat_packaging.registration import (
     stale_cutoff,
 )
 from ccat_packaging.resources import AssemblyHosts, OpsDatabase
+
+if TYPE_CHECKING:
+    # The type define_asset_job returns: Dagster 1.13 does not export it.
+    from dagster._core.definitions.unresolved_asset_job_definition import (
+        UnresolvedAssetJobDefinition,
+    )
 
 
 @dataclass(frozen=True)
@@ -135,12 +154,13 @@ def register_at_buffer(
     built: BuiltPackage,
     ops_db: OpsDatabase,
     assembly_hosts: AssemblyHosts,
-) -> None:
+) -> str | None:
     """Publish the archive under its final name, mark the package completed, and tag the run
-    with the buffer the package went to."""
+    with the buffer the package went to; the package's name, or None when this run built
+    nothing."""
     plan, archive = built.plan, built.archive
     if archive is None:
-        return
+        return None
     discard = functools.partial(assembly.discard, assembly_hosts, archive)
     with op_failures.handled(context, ops_db, plan, discard):
         published = assembly.publish(assembly_hosts, plan, archive)
@@ -155,12 +175,21 @@ def register_at_buffer(
         "buffer_path": dg.MetadataValue.path(final_path),
     }
     context.add_output_metadata(metadata)
-    context.log_event(
-        dg.AssetMaterialization(
-            asset_key=names.PACKAGES_ASSET, partition=context.partition_key, metadata=metadata
-        )
-    )
     _tag_run_with_buffer(context, archive.buffer.location_name)
+    return plan.name
+
+
+@dg.op
+def summarise_group(
+    context: dg.OpExecutionContext, registered: list[str | None], ops_db: OpsDatabase
+) -> None:
+    """The asset's output: runs only when every branch succeeded (also with no branch at all,
+    a group already packaged), and shows all the group's packages, this run's and earlier."""
+    key = GroupKey.parse(context.partition_key)
+    with op_failures.handled(context, ops_db, None), ops_db.session() as session:
+        packages = operations.list_packages(session, group=key, limit=operations.GROUP_LIMIT)
+    built = [name for name in registered if name is not None]
+    context.add_output_metadata(run_metadata.group_summary(packages, built))
 
 
 def _tag_run_with_buffer(context: dg.OpExecutionContext, buffer: str) -> None:
@@ -172,20 +201,45 @@ def _tag_run_with_buffer(context: dg.OpExecutionContext, buffer: str) -> None:
     context.instance.add_run_tags(context.run_id, {names.BUFFER_LOCATION_TAG: ",".join(buffers)})
 
 
-def build_package_job(location: SourceLocationRef) -> dg.JobDefinition:
-    """The packaging job of one SOURCE location, partitioned by its file groups."""
+def build_package_asset(location: SourceLocationRef) -> dg.AssetsDefinition:
+    """The packages of one SOURCE location, one partition per file group."""
     assemble = assemble_tar.tag({names.CONCURRENCY_KEY_TAG: names.host_pool(location.host)})
 
-    @dg.graph(name=names.job_name(location.slug))
-    def package_location() -> None:
-        create_package_records().map(lambda plan: register_at_buffer(checksum(assemble(plan))))
+    @dg.graph_asset(
+        key=names.packages_asset(location.slug),
+        partitions_def=_file_groups(location),
+        group_name=names.PACKAGING_GROUP,
+        description=(
+            f"The verified tar packages of SOURCE location {location.name!r} (host "
+            f"{location.host}) at their buffer, one partition per file group."
+        ),
+    )
+    def packages() -> object:  # the handle of summarise_group's output, which Dagster types
+        built = create_package_records().map(lambda p: register_at_buffer(checksum(assemble(p))))
+        return summarise_group(built.collect())
 
-    return package_location.to_job(
+    return packages
+
+
+def build_fixity_check_of(location: SourceLocationRef) -> dg.AssetChecksDefinition:
+    """``fixity_at_rest`` on the location's packages asset, partitioned like it."""
+    return build_fixity_check(names.packages_asset(location.slug), _file_groups(location))
+
+
+def _file_groups(location: SourceLocationRef) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=names.partitions_name(location.slug))
+
+
+def build_package_job(location: SourceLocationRef) -> "UnresolvedAssetJobDefinition":
+    """The packaging job of one SOURCE location: its packages asset, without the fixity check
+    (an operator runs that on its own; a packaging run has just verified what it built)."""
+    return dg.define_asset_job(
+        name=names.job_name(location.slug),
+        selection=dg.AssetSelection.assets(names.packages_asset(location.slug)).without_checks(),
         description=(
             f"Build, verify and register the tar packages of one file group of SOURCE location "
             f"{location.name!r} (host {location.host})."
         ),
-        partitions_def=dg.DynamicPartitionsDefinition(name=names.partitions_name(location.slug)),
         executor_def=dg.in_process_executor,
         tags={
             names.PIPELINE_TAG: names.PIPELINE,

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the ccat-packaging command imports this module and must not load Dagster
     import dagster as dg
 
-# The asset whose partitions (file groups) show every package's completions and failures.
-PACKAGES_ASSET = "raw_data_packages"
+# The asset group of every location's packages asset in the UI's catalog.
+PACKAGING_GROUP = "packaging"
+# The asset check that re-hashes a group's packages at their buffer.
+FIXITY_CHECK = "fixity_at_rest"
 # Per location, the backlog recorded every few minutes (numeric metadata the UI plots).
 BACKLOG_JOB = "record_backlog"
 BACKLOG_SCHEDULE = "record_backlog_every_5_minutes"
@@ -51,6 +53,14 @@ DISCOVERY_SENSOR = "file_group_discovery"
 
 def job_name(location_slug: str) -> str:
     return f"package_{location_slug}"
+
+
+def packages_asset(location_slug: str) -> dg.AssetKey:
+    """A location's packages, one partition per file group: each partition's status (failed,
+    materialized) is its group's."""
+    import dagster as dg  # here, not at import: see TYPE_CHECKING above
+
+    return dg.AssetKey(["raw_data_packages", location_slug])
 
 
 def sensor_name(location_slug: str) -> str:

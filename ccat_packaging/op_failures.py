@@ -1,8 +1,8 @@
 """Every op's failures, judged by ``failure_policy`` and answered in Dagster's terms.
 
 A retryable failure becomes Dagster's step retry after the policy's backoff; a permanent one
-becomes a step failure carrying the reason, and an observation in the package's history
-(asset ``raw_data_packages``), so the UI shows it next to the completions. An interrupted step
+becomes a step failure carrying the reason, which fails the run and so leaves the group's
+partition of the location's packages asset failed until a later run succeeds. An interrupted step
 (the run terminated, its worker stopped) releases its package at once instead of leaving a
 lease that only goes stale after ``CCAT_STALE_AFTER_SECONDS``.
 """
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from ccat_packaging import failure_policy, influx, names, run_metadata
+from ccat_packaging import failure_policy, influx, run_metadata
 from ccat_packaging.plans import PackagePlan
 from ccat_packaging.registration import lease_owner, release
 from ccat_packaging.resources import OpsDatabase
@@ -48,18 +48,12 @@ def handled(
                 max_retries=failure_policy.MAX_RETRIES, seconds_to_wait=verdict.wait_seconds
             ) from raw
         _discard(context, discard)
-        metadata = run_metadata.failed(plan, verdict)
         if plan is not None:
             influx.record_failed(plan, verdict, context.log.warning)
-            context.log_event(
-                dg.AssetObservation(
-                    asset_key=names.PACKAGES_ASSET,
-                    partition=context.partition_key,
-                    metadata=metadata,
-                )
-            )
         raise dg.Failure(
-            description=verdict.reason, metadata=metadata, allow_retries=False
+            description=verdict.reason,
+            metadata=run_metadata.failed(plan, verdict),
+            allow_retries=False,
         ) from raw
     except BaseException as interruption:  # Dagster's termination, SIGTERM, SIGINT
         _discard(context, discard)

@@ -21,6 +21,7 @@ from ccat_packaging.discovery import (
     StalePackage,
     location_slug,
     packages_needing_a_run,
+    source_location_for,
     source_locations,
     unfinished_groups,
     unpackaged_groups,
@@ -136,6 +137,10 @@ def backlog(session: Session) -> list[LocationBacklog]:
     return result
 
 
+# More parts than one file group ever has (each is up to CCAT_PACKAGE_MAX_BYTES).
+GROUP_LIMIT = 10_000
+
+
 @dataclass(frozen=True)
 class BufferSpace:
     """The free space of one BUFFER's file system, or why it is not known; ``location`` and
@@ -203,10 +208,12 @@ def list_packages(
     location: str | None = None,
     older_than: timedelta | None = None,
     limit: int = 100,
+    group: GroupKey | None = None,
 ) -> list[PackageListing]:
     """Up to ``limit`` packages, oldest change first. ``location`` matches the SOURCE they
     came from or a location holding a copy; ``older_than`` keeps those unchanged for at least
-    that long, so a package stuck in one state is found among thousands."""
+    that long, so a package stuck in one state is found among thousands; ``group`` keeps the
+    parts of one file group (what its partition of the packages asset covers)."""
     files = (
         select(RawDataFile.raw_data_package_id, func.count().label("n"))
         .where(RawDataFile.raw_data_package_id.is_not(None))
@@ -233,6 +240,12 @@ def list_packages(
         )
     if older_than is not None:
         query = query.where(RawDataPackage.updated_at < datetime.now(UTC) - older_than)
+    if group is not None:
+        query = query.where(
+            RawDataPackage.source_location_id == source_location_for(session, group).id,
+            RawDataPackage.executed_obs_unit_id == group.executed_obs_unit_id,
+            RawDataPackage.instrument_module_id == group.instrument_module_id,
+        )
     rows = session.execute(query).all()
     paths = _copy_paths(session, [package.id for package, _ in rows])
     return [

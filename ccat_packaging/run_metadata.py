@@ -1,5 +1,5 @@
-"""What each step shows about its package in the UI: the step's output, the run's events and
-the package history (asset ``raw_data_packages``, one partition per file group).
+"""What each step shows about its package in the UI (the step's output, the run's events), and
+what a materialization of the location's packages asset shows about its file group.
 
 The UI truncates long metadata, so what matters most comes first.
 """
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import socket
 
+import dagster as dg
+
 from ccat_packaging.assembly.archive import AssembledArchive
 from ccat_packaging.failure_policy import Verdict
+from ccat_packaging.operations import PackageListing
 from ccat_packaging.plans import PackagePlan
 
 Metadata = dict[str, str | int | float | bool]
@@ -72,7 +75,7 @@ def registered(plan: PackagePlan, archive: AssembledArchive, final_path: str) ->
 
 
 def failed(plan: PackagePlan | None, verdict: Verdict) -> Metadata:
-    """A step that gave up; with a plan, also the package's failure as its history shows it."""
+    """A step that gave up; with a plan, also which package failed and why."""
     metadata: Metadata = {
         "error_class": type(verdict.error).__name__,
         "retryable": verdict.error.retryable,
@@ -81,3 +84,27 @@ def failed(plan: PackagePlan | None, verdict: Verdict) -> Metadata:
     if plan is None:
         return metadata
     return {"package": plan.name, "status": "failed", "reason": verdict.reason, **metadata}
+
+
+def group_summary(
+    packages: list[PackageListing], built: list[str]
+) -> dict[str, dg.RawMetadataValue]:
+    """A file group's packages as a materialization of its partition shows them: totals first,
+    then one row per package (name, status, files, bytes, checksum, buffer path)."""
+    rows = [
+        "| package | status | files | bytes | checksum | buffer path |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {p.name} | {p.status} | {p.files} | {p.size if p.size is not None else '-'} "
+            f"| {f'{p.algorithm}:{p.checksum}' if p.checksum else '-'} | {p.buffer_path or '-'} |"
+            for p in packages
+        ),
+    ]
+    return {
+        "packages": len(packages),
+        "built_by_this_run": len(built),
+        "files": sum(p.files for p in packages),
+        "bytes": sum(p.size or 0 for p in packages),
+        "package_names": ", ".join(p.name for p in packages),
+        "details": dg.MetadataValue.md("\n".join(rows)),
+    }

@@ -3,6 +3,7 @@ the discovery sensor that registers every location's file groups as partitions."
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +24,12 @@ from ccat_packaging.errors import ConfigurationError, DatabaseUnavailableError
 from ccat_packaging.models import DataLocation
 from ccat_packaging.registration import stale_cutoff
 from ccat_packaging.resources import OpsDatabase
+
+if TYPE_CHECKING:
+    # The type define_asset_job returns: Dagster 1.13 does not export it.
+    from dagster._core.definitions.unresolved_asset_job_definition import (
+        UnresolvedAssetJobDefinition,
+    )
 
 
 def run_key(group_key: str, file_count: int, newest_filed_at: float) -> str:
@@ -51,7 +58,7 @@ def prepare_pool(instance: dg.DagsterInstance, pool: str) -> None:
 
 
 def build_source_location_sensor(
-    location: SourceLocationRef, job: dg.JobDefinition
+    location: SourceLocationRef, job: "UnresolvedAssetJobDefinition"
 ) -> dg.SensorDefinition:
     partitions = dg.DynamicPartitionsDefinition(name=names.partitions_name(location.slug))
 

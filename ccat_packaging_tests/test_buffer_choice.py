@@ -23,7 +23,7 @@ from ccat_packaging.models import DataLocation, LocationType, Status
 from ccat_packaging.names import BUFFER_LOCATION_TAG
 from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging.resources import AssemblyHosts
-from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.dagster_helpers import op_of, run_partition
 from ccat_packaging_tests.package_checks import (
     MB,
     assert_completed_and_intact,
@@ -165,8 +165,7 @@ def test_disk_full_during_the_write_fails_over_to_the_next_buffer(world, small_d
     [event] = [
         e
         for e in result.all_events
-        if e.event_type == dg.DagsterEventType.STEP_OUTPUT
-        and str(e.step_key).startswith("assemble_tar")
+        if e.event_type == dg.DagsterEventType.STEP_OUTPUT and op_of(e.step_key) == "assemble_tar"
     ]
     metadata = event.step_output_data.metadata
     assert metadata["buffer_location"].value == "spare"

@@ -26,8 +26,9 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
     ]
     discovery = definitions.resolve_sensor_def("file_group_discovery")
     assert discovery.default_status == dg.DefaultSensorStatus.RUNNING and not discovery.has_jobs
-    # (Dagster's implicit job of all assets, "__ASSET_JOB", aside)
-    assert sorted(j.name for j in definitions.resolve_all_job_defs() if j.name[:2] != "__") == [
+    # Besides Dagster's implicit job of all assets (which runs a check alone from the UI):
+    assert sorted(j.name for j in definitions.resolve_all_job_defs()) == [
+        "__ASSET_JOB",
         "package_chai_raw_data",
         "package_primecam_raw_data",
         "packaging_retention",
@@ -40,19 +41,38 @@ def test_definitions_load_with_one_sensor_per_active_source_location(world) -> N
     assert sorted(definitions.resolve_all_asset_keys()) == [
         dg.AssetKey(["packaging_backlog", "chai_raw_data"]),
         dg.AssetKey(["packaging_backlog", "primecam_raw_data"]),
+        dg.AssetKey(["raw_data_packages", "chai_raw_data"]),
+        dg.AssetKey(["raw_data_packages", "primecam_raw_data"]),
     ]
     job = definitions.resolve_job_def("package_primecam_raw_data")
-    assert [n.name for n in job.graph.nodes_in_topological_order] == [
+    # The job materializes the location's packages asset and nothing else (no fixity check).
+    [packages] = job.graph.nodes
+    assert packages.name == "raw_data_packages__primecam_raw_data"
+    assert job.asset_layer.executable_asset_keys == {
+        dg.AssetKey(["raw_data_packages", "primecam_raw_data"])
+    }
+    assert not job.asset_layer.asset_graph.asset_check_keys
+    graph = packages.definition
+    assert isinstance(graph, dg.GraphDefinition)
+    assert [n.name for n in graph.nodes_in_topological_order] == [
         "create_package_records",
         "assemble_tar",
         "checksum",
         "register_at_buffer",
+        "summarise_group",
     ]
     assert isinstance(job.partitions_def, dg.DynamicPartitionsDefinition)
     assert job.partitions_def.name == "primecam_raw_data_file_groups"
     # Assemblies of one source host share a concurrency pool, whatever launched the run.
-    [assemble] = [n for n in job.graph.nodes if n.name == "assemble_tar"]
+    [assemble] = [n for n in graph.nodes if n.name == "assemble_tar"]
     assert assemble.tags["dagster/concurrency_key"] == "assembly_localhost"
+    # Each location's asset has the partitioned fixity check, for operators to run.
+    assets = definitions.resolve_asset_graph()
+    key = dg.AssetKey(["raw_data_packages", "chai_raw_data"])
+    assert assets.get(key).group_name == "packaging"
+    [check] = [c for c in assets.asset_check_keys if c.asset_key == key]
+    assert check.name == "fixity_at_rest"
+    assert assets.get(check).partitions_def == assets.get(key).partitions_def
 
 
 def test_the_resources_have_no_config_for_the_ui_to_show(world) -> None:

@@ -5,8 +5,10 @@ instance configured like production (but one assembly slot per host). Through Gr
 test starts the location sensors and waits for their runs, whose assemblies take turns in
 the host's pool; launches a partition backfill that packages a late file and re-drives a
 failed package while the pool's slot is held (both runs wait, then assemble one at a time);
-re-executes a failed sensor run from the failed step; and reloads
-the code location after adding a location. Then headless chromium opens the UI, checks that
+re-executes a failed sensor run from the failed step; reads each group's partition status
+of its location's packages asset (failed, then materialized once fixed); runs the
+``fixity_at_rest`` check of one group alone; and reloads the code location after adding a
+location. Then headless chromium opens the UI, checks that
 the expected names are on each page and saves screenshots under ``test-artifacts/e2e_ui/``.
 """
 
@@ -29,7 +31,8 @@ from dagster._core.execution.backfill import (  # backfills have no public type 
 from sqlalchemy import select
 
 from ccat_packaging.models import LocationType, RawDataPackage, Status
-from ccat_packaging.names import host_pool
+from ccat_packaging.names import FIXITY_CHECK, PARTITION_TAG, host_pool, packages_asset
+from ccat_packaging_tests.dagster_helpers import op_of
 from ccat_packaging_tests.deployment import (
     LOCATION,
     REPO,
@@ -80,6 +83,16 @@ mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $nam
 SENSORS = """
 query($r: RepositorySelector!) { repositoryOrError(repositorySelector: $r) {
   ... on Repository { sensors { name } } } }"""
+PARTITION_STATUSES = """
+query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
+  assetPartitionStatuses { ... on DefaultPartitionStatuses {
+    materializedPartitions failedPartitions materializingPartitions } } } } }"""
+# What the check's Execute button sends, with the partition the button cannot yet choose
+# (Dagster 1.13: "Executing checks on their own for partitioned assets is not yet supported").
+LAUNCH_RUN = """
+mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+  ... on InvalidSubsetError { message } } }"""
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,42 @@ def _finished_backfill(instance: dg.DagsterInstance, backfill_id: str) -> Partit
     return backfill if backfill and backfill.status != BulkActionStatus.REQUESTED else None
 
 
+def _partitions(deployment: Deployment, slug: str) -> dict[str, list[str]]:
+    """The partition statuses of a location's packages asset, as the asset's page shows them."""
+    key = {"path": packages_asset(slug).path}
+    node = deployment.graphql(PARTITION_STATUSES, k=key)["assetNodeOrError"]
+    statuses = node["assetPartitionStatuses"]
+    return {state: sorted(statuses[f"{state}Partitions"]) for state in ("materialized", "failed")}
+
+
+def _run_fixity_check(deployment: Deployment, instance: dg.DagsterInstance, key: str) -> bool:
+    """Launch the ``fixity_at_rest`` check of one group alone, wait for it, say if it passed."""
+    asset = {"path": packages_asset(key.split("__")[0]).path}
+    launched = deployment.graphql(
+        LAUNCH_RUN,
+        p={
+            "selector": {
+                **REPOSITORY_SELECTOR,
+                "jobName": "__ASSET_JOB",
+                "assetSelection": [],
+                "assetCheckSelection": [{"assetKey": asset, "name": FIXITY_CHECK}],
+            },
+            "executionMetadata": {"tags": [{"key": PARTITION_TAG, "value": key}]},
+        },
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    run = wait_for("the fixity check", lambda: _finished_run(instance, run_id), 90)
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    [evaluation] = [
+        e.dagster_event.asset_check_evaluation_data
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        if e.dagster_event is not None
+    ]
+    assert evaluation.partition == key
+    return bool(evaluation.passed)
+
+
 def _packages(world) -> dict[str, RawDataPackage]:
     with world.session() as s:
         return {p.name: p for p in s.scalars(select(RawDataPackage))}
@@ -181,7 +230,7 @@ def _step_times(instance: dg.DagsterInstance, run_id: str, step: str) -> list[fl
             dg.DagsterEventType.STEP_FAILURE,
         },
     )
-    return [e.timestamp for e in events if str(e.step_key).startswith(step)]
+    return [e.timestamp for e in events if op_of(e.step_key) == step]
 
 
 def _blocked_by_the_pool(instance: dg.DagsterInstance, run_id: str) -> float | None:
@@ -191,7 +240,7 @@ def _blocked_by_the_pool(instance: dg.DagsterInstance, run_id: str) -> float | N
         (
             e.timestamp
             for e in events
-            if str(e.step_key).startswith("assemble_tar")
+            if op_of(e.step_key) == "assemble_tar"
             and e.dagster_event is not None
             and e.dagster_event.message == f"Step blocked by limit for pool {POOL}"
         ),
@@ -264,6 +313,15 @@ def test_sensors_backfill_reexecution_and_the_ui(
             failed = packages[site.package(group)]
             assert failed.status == Status.FAILED
             assert f"'{name}/scan_01.fits' is missing" in (failed.failure_reason or "")
+        # Each group's partition of its location's packages asset says so (red in the UI).
+        assert _partitions(deployment, "primecam_raw") == {
+            "materialized": [site.key(site.a)],
+            "failed": [site.key(site.b)],
+        }
+        assert _partitions(deployment, "chai_raw") == {
+            "materialized": [],
+            "failed": [site.key(site.d)],
+        }
 
         # 2. Re-execute chai_raw's failed sensor run from the failed step, file restored.
         # The primecam sensor stops first, so that the backfill below has its groups.
@@ -282,6 +340,10 @@ def test_sensors_backfill_reexecution_and_the_ui(
         assert rerun.status == dg.DagsterRunStatus.SUCCESS
         assert _step_times(instance, rerun_id, "create_package_records") == []
         assert _packages(world)[site.package(site.d)].status == Status.COMPLETED
+        assert _partitions(deployment, "chai_raw") == {
+            "materialized": [site.key(site.d)],
+            "failed": [],
+        }
 
         # 3. A backfill of A and B: A's late file goes into a new part, B's failed package is
         # re-driven. The host's only pool slot is held meanwhile, so both runs wait for it.
@@ -344,6 +406,12 @@ def test_sensors_backfill_reexecution_and_the_ui(
         assert (redriven.status, redriven.retry_count) == (Status.COMPLETED, 0)
         assert packages[site.package(site.a, part=2)].status == Status.COMPLETED
         assert len(_runs(instance, **{"dagster/sensor_name": f"{PRIMECAM}_sensor"})) == 2
+        assert _partitions(deployment, "primecam_raw") == {
+            "materialized": sorted([site.key(site.a), site.key(site.b)]),
+            "failed": [],
+        }
+        # The fixity check of A's two packages at rest, in a run of its own.
+        assert _run_fixity_check(deployment, instance, site.key(site.a))
 
         # 4. A new location gets its sensor once the code location is reloaded.
         world.location(world.site("cologne"), "cologne_raw", LocationType.SOURCE)
@@ -402,18 +470,31 @@ def _browse(
             page,
             "04_partitions",
             f"/locations/{LOCATION}/jobs/{PRIMECAM}/partitions",
-            [site.key(site.a), site.key(site.b), "Backfill history"],
+            # The groups themselves are listed on the asset's page (08).
+            ["Total partitions", "raw_data_packages/primecam_raw", "Backfill history"],
         )
         shot(page, "05_backfill", f"/runs/b/{backfill_id}?tab=runs", ["Succeeded"])
         page.goto(f"{deployment.url}/runs/{run_id}")
-        page.get_by_placeholder("Filter…").fill("step:assemble_tar[part001]")
+        step = f"{packages_asset('primecam_raw').to_python_identifier()}.{{op}}[part001]"
+        page.get_by_placeholder("Filter…").fill("step:" + step.format(op="assemble_tar"))
         shot(page, "06_run_waits_for_pool", None, [f"Step blocked by limit for pool {POOL}"])
-        page.get_by_placeholder("Filter…").fill("step:register_at_buffer[part001]")
-        page.get_by_text("Materialized value raw_data_packages").wait_for()  # filter applied
+        page.get_by_placeholder("Filter…").fill("step:" + step.format(op="register_at_buffer"))
+        page.get_by_text('Yielded output "result" of type "String?"').wait_for()  # filter applied
         page.get_by_text("View full message").first.click()
         shot(page, "07_run_metadata", None, ["buffer_path", "sha256:", "throughput_MB_per_s"])
-        page.goto(f"{deployment.url}/assets/raw_data_packages?view=events")
-        # The list's oldest entry of group B is its failure (not the detail panel's link).
-        page.get_by_text(site.key(site.b), exact=True).and_(page.locator("span")).last.click()
-        shot(page, "08_package_history", None, ["SourceFileError", site.package(site.b)])
+        asset_page = "/assets/raw_data_packages/primecam_raw"
+        shot(
+            page,
+            "08_package_partitions",
+            f"{asset_page}?view=partitions",
+            [site.key(site.a), site.key(site.b), "Materialized (2)", "Failed (0)"],
+        )
+        page.get_by_text(site.key(site.b), exact=True).first.click()
+        shot(page, "09_partition_packages", None, [site.package(site.b), "built_by_this_run"])
+        shot(
+            page,
+            "10_fixity_check",
+            f"{asset_page}?view=checks",
+            ["fixity_at_rest", "Passed", "match their recorded size and checksum"],
+        )
         browser.close()

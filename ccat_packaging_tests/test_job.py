@@ -24,8 +24,8 @@ from ccat_packaging.models import (
     RawDataPackagePhysicalCopy,
     Status,
 )
-from ccat_packaging.names import job_name, partitions_name
-from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging.names import job_name, packages_asset, partitions_name
+from ccat_packaging_tests.dagster_helpers import node, op_of, run_partition
 
 FILES = [
     "scan_00/frame_000.fits",
@@ -58,9 +58,7 @@ def test_job_builds_a_tar_of_exactly_the_group_with_an_independent_sha256(any_wo
     with dg.instance_for_test() as instance:
         result = run_partition(instance, key)
         assert result.success
-        materializations = instance.fetch_materializations(
-            dg.AssetKey("raw_data_packages"), limit=10
-        ).records
+        materializations = instance.fetch_materializations(packages_asset("src"), limit=10).records
     [package] = _packages(world)
     tar_path = world.root(buf) / package.relative_path
     assert package.status == Status.COMPLETED
@@ -82,8 +80,31 @@ def test_job_builds_a_tar_of_exactly_the_group_with_an_independent_sha256(any_wo
         tar_path.name,
     ]
     assert [m.partition_key for m in materializations] == [key]
-    built = result.output_for_node("checksum")[f"part{package.part:03d}"]
+    built = result.output_for_node(node("src", "checksum"))[f"part{package.part:03d}"]
     assert built.archive.checksum == package.checksum
+
+
+def test_a_failed_group_is_a_failed_partition_until_a_later_run_packages_it(world) -> None:
+    """What the asset's partitions tab shows (red, then materialized) is the instance's
+    status of the group's partition, read here as the UI reads it."""
+    group, _, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    source_file = world.root(group.location_id) / FILES[0]
+    away = source_file.with_name("moved away")
+    source_file.rename(away)  # a permanent failure of the group's package
+    asset = packages_asset("src")
+    partitions = defs().resolve_job_def(job_name("src")).partitions_def
+    assert partitions is not None
+    with dg.instance_for_test() as instance:
+        assert not run_partition(instance, key).success
+        failed = instance.get_status_by_partition(asset, [key], partitions)
+        assert failed == {key: dg.AssetPartitionStatus.FAILED}
+        away.rename(source_file)
+        assert run_partition(instance, key).success  # an operator's run re-drives it
+        fixed = instance.get_status_by_partition(asset, [key], partitions)
+        assert fixed == {key: dg.AssetPartitionStatus.MATERIALIZED}
+    [package] = _packages(world)
+    assert package.status == Status.COMPLETED
 
 
 def test_ccat_archive_mode_is_the_published_archive_s_mode(
@@ -107,11 +128,20 @@ def test_rerunning_a_packaged_group_changes_nothing(world) -> None:
         before = [(p.id, p.checksum, p.updated_at) for p in _packages(world)]
         again = run_partition(instance, key)
         assert again.success
+        # Nothing to build, and the group's partition is materialized again all the same.
+        [latest, _] = instance.fetch_materializations(packages_asset("src"), limit=10).records
+        assert latest.run_id == again.run_id
+        summary = latest.asset_materialization
+        assert summary is not None and summary.partition == key
+        assert summary.metadata["built_by_this_run"].value == 0
+        assert summary.metadata["packages"].value == 1
         started = [
-            e.step_key for e in again.all_events if e.event_type == dg.DagsterEventType.STEP_START
+            op_of(e.step_key)
+            for e in again.all_events
+            if e.event_type == dg.DagsterEventType.STEP_START
         ]
     assert [(p.id, p.checksum, p.updated_at) for p in _packages(world)] == before
-    assert started == ["create_package_records"]
+    assert started == ["create_package_records", "summarise_group"]  # no package is built
 
 
 def test_late_files_go_into_a_new_part_and_the_first_is_untouched(world) -> None:
@@ -206,7 +236,7 @@ def test_an_archive_damaged_between_assembly_and_checksum_is_never_published(
     assert len(damaged) == 1, "the hook never ran: nothing was damaged"
     assert not result.success
     [failure] = result.get_step_failure_events()
-    assert str(failure.step_key).startswith("checksum")
+    assert op_of(failure.step_key) == "checksum"
     [package] = _packages(world)
     assert package.status == Status.FAILED and package.retry_count == 0
     assert (package.failure_reason or "").startswith("ArchiveVerificationError")
@@ -232,5 +262,5 @@ def test_a_package_another_live_run_is_building_is_left_to_it(world) -> None:
     assert (package.status, package.lease_owner) == (Status.IN_PROGRESS, "live-sensor-run")
     assert (package.size, package.checksum) == (None, None)
     assert [p for p in world.root(buf).rglob("*") if ".lock" not in p.name and p.is_file()] == []
-    built = result.output_for_node("assemble_tar")[f"part{package.part:03d}"]
+    built = result.output_for_node(node("src", "assemble_tar"))[f"part{package.part:03d}"]
     assert built.archive is None

@@ -332,6 +332,14 @@ def test_list_shows_packages_of_every_status_and_filters_them(world, capsys) -> 
     assert "no location named 'nope'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["list", "--older-than", "soon"])
+    # One file group's parts, whatever their status (what its asset partition summarises).
+    with world.session() as s:
+        lost_group = operations.list_packages(s, group=GroupKey("src", lost.eou_id, lost.module_id))
+        pending_group = operations.list_packages(
+            s, group=GroupKey("src", pending.eou_id, pending.module_id)
+        )
+    assert [p.name for p in lost_group] == [failed_name]
+    assert [p.name for p in pending_group] == ["src__pending__part001"]
 
 
 def _package(world, group, status: Status, age: timedelta, part: int = 1) -> None:

@@ -51,4 +51,5 @@ def test_every_run_of_a_location_carries_its_queue(world, monkeypatch) -> None:
     assert locations["primecam_raw"].run_queue == "ccat_telescope"
     assert locations["chai_raw"].run_queue == "chai_host"
     job = build_package_job(locations["primecam_raw"])
+    assert job.tags is not None
     assert job.tags[CELERY_QUEUE_TAG] == "ccat_telescope"  # job tags are copied to every run

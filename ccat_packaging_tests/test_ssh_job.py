@@ -21,7 +21,7 @@ from ccat_packaging import operations
 from ccat_packaging.cli import main
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.resources import AssemblyHosts
-from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.dagster_helpers import node, op_of, run_partition
 from ccat_packaging_tests.package_checks import leftovers, packages_of
 from ccat_packaging_tests.sshd import SshLab
 from ccat_packaging_tests.test_ssh_assembly import (
@@ -72,7 +72,7 @@ def test_job_packages_hostile_names_exactly_from_a_source_on_an_ssh_host(
         result = run_partition(instance, key)
     assert result.success
 
-    metadata = _output_metadata(result, "assemble_tar")
+    metadata = _output_metadata(result, node("remote_src", "assemble_tar"))
     buffer_host = {"same ssh host": lab.a.address, "other ssh host": lab.b.address}
     assert metadata["source_host"] == lab.a.address
     assert metadata["buffer_host"] == buffer_host.get(buffer_at, "localhost")
@@ -114,7 +114,7 @@ def test_job_refuses_a_source_host_whose_key_is_unknown(
         result = run_partition(instance, key)
     assert not result.success
     [failure] = result.get_step_failure_events()
-    assert str(failure.step_key).startswith("assemble_tar")
+    assert op_of(failure.step_key) == "assemble_tar"
     assert "HostKeyError" in str(failure.event_specific_data)
     assert "not in the known hosts file" in str(failure.event_specific_data)
     restarts = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
