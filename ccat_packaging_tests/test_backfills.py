@@ -22,7 +22,13 @@ from ccat_packaging.claiming import PackageLimits, claim_packages
 from ccat_packaging.cli import main
 from ccat_packaging.discovery import GroupKey
 from ccat_packaging.models import LocationType, RawDataPackage, Status
-from ccat_packaging.names import BACKFILL_TAG, PARTITION_TAG, SENSOR_NAME_TAG, partitions_name
+from ccat_packaging.names import (
+    BACKFILL_TAG,
+    PARTITION_TAG,
+    SENSOR_NAME_TAG,
+    job_name,
+    partitions_name,
+)
 from ccat_packaging_tests.conftest import scratch_dagster_db, scratch_ops_db
 from ccat_packaging_tests.deployment import (
     Deployment,
@@ -130,6 +136,11 @@ def _packages_of(world: World, group: Group) -> list[RawDataPackage]:
         )
 
 
+def _packaging_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    """The location's packaging runs (not the backlog schedule's, which may tick meanwhile)."""
+    return list(instance.get_runs(dg.RunsFilter(job_name=job_name("src"))))
+
+
 def test_what_cannot_be_launched_is_one_line_and_a_non_zero_exit(
     deployed: Deployed,
     tmp_path: Path,
@@ -182,7 +193,7 @@ def test_with_the_sensor_stopped_a_new_group_is_discovered_and_backfilled_from_t
             lambda: instance.has_dynamic_partition(partitions_name("src"), _key(new)),
             timeout=60,
         )
-        assert instance.get_runs() == []  # the location's sensor is stopped: nothing ran
+        assert _packaging_runs(instance) == []  # the location's sensor is stopped: nothing ran
         failed, failed_package = _failed_group(world, src)
         _, requeued_package = _failed_group(world, src)
 
@@ -214,7 +225,7 @@ def test_with_the_sensor_stopped_a_new_group_is_discovered_and_backfilled_from_t
                 _package(world, failed_package.id),
                 _package(world, requeued_package.id),
             ]
-            runs = instance.get_runs()
+            runs = _packaging_runs(instance)
             if len(runs) < 3 or not all(r.is_finished for r in runs):
                 return None
             assert [p.status for p in packages] == [Status.COMPLETED] * 3, packages
@@ -224,7 +235,9 @@ def test_with_the_sensor_stopped_a_new_group_is_discovered_and_backfilled_from_t
             runs = wait_for("the runs of both backfills to finish", all_done, timeout=240)
         except TimeoutError as timeout:
             pool = instance.event_log_storage.get_concurrency_info("assembly_localhost")
-            states = {r.run_id: (r.tags.get(PARTITION_TAG), r.status) for r in instance.get_runs()}
+            states = {
+                r.run_id: (r.tags.get(PARTITION_TAG), r.status) for r in _packaging_runs(instance)
+            }
             raise AssertionError(f"{timeout}: runs {states}, pool {pool}") from None
         failures = {  # a run that failed says why
             r.run_id: [e.message for e in instance.all_logs(r.run_id) if e.is_dagster_event]
@@ -234,6 +247,6 @@ def test_with_the_sensor_stopped_a_new_group_is_discovered_and_backfilled_from_t
         assert not failures, failures
         ours = [r for r in runs if r.tags.get(BACKFILL_TAG) == backfill_id]
         assert sorted(r.tags[PARTITION_TAG] for r in ours) == sorted([_key(new), _key(failed)])
-        assert all(SENSOR_NAME_TAG not in r.tags for r in instance.get_runs())
+        assert all(SENSOR_NAME_TAG not in r.tags for r in _packaging_runs(instance))
     # The failed package was re-driven, not replaced: the same row, a fresh retry budget.
     assert [p.id for p in _packages_of(world, failed)] == [failed_package.id]

@@ -19,8 +19,11 @@ import itertools
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import pytest
@@ -31,7 +34,17 @@ from dagster._core.execution.backfill import (  # backfills have no public type 
 from sqlalchemy import select
 
 from ccat_packaging.models import LocationType, RawDataPackage, Status
-from ccat_packaging.names import FIXITY_CHECK, PARTITION_TAG, host_pool, packages_asset
+from ccat_packaging.names import (
+    BACKLOG_JOB,
+    DISCOVERY_SENSOR,
+    FIXITY_CHECK,
+    PARTITION_TAG,
+    SENSOR_NAME_TAG,
+    backlog_asset,
+    host_pool,
+    packages_asset,
+    partitions_name,
+)
 from ccat_packaging_tests.dagster_helpers import op_of
 from ccat_packaging_tests.deployment import (
     LOCATION,
@@ -43,6 +56,9 @@ from ccat_packaging_tests.deployment import (
     write_test_instance,
 )
 from ccat_packaging_tests.world import Group
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +75,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 PRIMECAM, CHAI = "package_primecam_raw", "package_chai_raw"
+PRIMECAM_ASSET_PAGE = "/assets/raw_data_packages/primecam_raw"
 POOL = host_pool("localhost")
 HOLDER = "e2e-slot-holder"  # a run id that holds the pool's only slot
 REPOSITORY_SELECTOR = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
@@ -215,6 +232,23 @@ def _run_fixity_check(deployment: Deployment, instance: dg.DagsterInstance, key:
     return bool(evaluation.passed)
 
 
+def _record_backlog(deployment: Deployment, instance: dg.DagsterInstance) -> dict[str, float]:
+    """Run ``record_backlog`` from the launchpad, as an operator would between its schedule's
+    ticks; primecam_raw's numbers as its asset now shows them."""
+    launched = deployment.graphql(
+        LAUNCH_RUN, p={"selector": {**REPOSITORY_SELECTOR, "jobName": BACKLOG_JOB}}
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    run = wait_for("the backlog record", lambda: _finished_run(instance, run_id), 90)
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    event = instance.get_latest_materialization_event(backlog_asset("primecam_raw"))
+    assert event is not None and event.run_id == run_id
+    assert event.asset_materialization is not None
+    metadata = event.asset_materialization.metadata
+    return {k: v.value for k, v in metadata.items() if isinstance(v.value, int | float)}
+
+
 def _packages(world) -> dict[str, RawDataPackage]:
     with world.session() as s:
         return {p.name: p for p in s.scalars(select(RawDataPackage))}
@@ -291,6 +325,7 @@ def test_sensors_backfill_reexecution_and_the_ui(
     with (
         running_deployment(instance_env, artifacts / "logs") as deployment,
         dg.DagsterInstance.get() as instance,
+        _screens(deployment, artifacts) as screens,
     ):
         # 1. One sensor per SOURCE location, started through GraphQL.
         primecam_sensor = _start_sensor(deployment, f"{PRIMECAM}_sensor")
@@ -322,6 +357,11 @@ def test_sensors_backfill_reexecution_and_the_ui(
             "materialized": [],
             "failed": [site.key(site.d)],
         }
+        screens.shot(
+            "00a_failed_partition",
+            f"{PRIMECAM_ASSET_PAGE}?view=partitions",
+            [site.key(site.b), "Failed (1)"],
+        )
 
         # 2. Re-execute chai_raw's failed sensor run from the failed step, file restored.
         # The primecam sensor stops first, so that the backfill below has its groups.
@@ -413,6 +453,50 @@ def test_sensors_backfill_reexecution_and_the_ui(
         # The fixity check of A's two packages at rest, in a run of its own.
         assert _run_fixity_check(deployment, instance, site.key(site.a))
 
+        # 3b. A group no sensor has seen: filed while the primecam sensor is stopped, its
+        # partition comes from file_group_discovery alone and shows as missing; a backfill
+        # (what the UI's dialog sends) packages it. The backlog, recorded before and after,
+        # counts its file and then none.
+        new = world.group(site.a.location_id)
+        world.file_bytes(new, "e/scan_00.fits", size=120_000)
+        new_key = f"primecam_raw__eou{new.eou_id}__mod{new.module_id}"
+        wait_for(
+            "file_group_discovery to register the new group",
+            lambda: instance.has_dynamic_partition(partitions_name("primecam_raw"), new_key),
+            timeout=60,
+        )
+        statuses = _partitions(deployment, "primecam_raw")
+        assert new_key not in statuses["materialized"] + statuses["failed"]  # missing
+        assert _record_backlog(deployment, instance)["unpackaged_files"] == 1
+        screens.shot(
+            "00b_new_group_missing",
+            f"{PRIMECAM_ASSET_PAGE}?view=partitions",
+            [new_key, "Missing (1)"],
+        )
+        launched = deployment.graphql(
+            LAUNCH_BACKFILL,
+            p={
+                "selector": {
+                    "partitionSetName": f"{PRIMECAM}_partition_set",
+                    "repositorySelector": REPOSITORY_SELECTOR,
+                },
+                "partitionNames": [new_key],
+                "title": "a group no sensor has seen",
+            },
+        )["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        new_backfill = wait_for(
+            "the new group's backfill",
+            lambda: _finished_backfill(instance, launched["backfillId"]),
+            timeout=120,
+        )
+        assert new_backfill.status == BulkActionStatus.COMPLETED_SUCCESS
+        assert new_key in _partitions(deployment, "primecam_raw")["materialized"]
+        [new_run] = _runs(instance, **{PARTITION_TAG: new_key})
+        assert SENSOR_NAME_TAG not in new_run.dagster_run.tags
+        assert _packages(world)[f"{new_key}__part001"].status == Status.COMPLETED
+        assert _record_backlog(deployment, instance)["unpackaged_files"] == 0
+
         # 4. A new location gets its sensor once the code location is reloaded.
         world.location(world.site("cologne"), "cologne_raw", LocationType.SOURCE)
         reloaded = deployment.graphql(RELOAD, name=LOCATION)["reloadRepositoryLocation"]
@@ -427,74 +511,89 @@ def test_sensors_backfill_reexecution_and_the_ui(
             for r in backfill_runs
             if r.dagster_run.tags["dagster/partition"] == site.key(site.b)
         )
-        _browse(deployment, artifacts, site, backfill_id, redrive_run)
+        _browse(screens, site, backfill_id, redrive_run)
 
 
-def _browse(
-    deployment: Deployment, artifacts: Path, site: Site, backfill_id: str, run_id: str
-) -> None:
-    from playwright.sync_api import Page, sync_playwright
+class Screens:
+    """Headless chromium on the UI for the whole test: a shot waits for the texts an operator
+    would look for on the page, then saves it."""
 
-    assert CHROMIUM.exists(), "run scripts/test-setup.sh: it installs Debian's chromium"
+    def __init__(self, page: Page, url: str, artifacts: Path) -> None:
+        self.page, self.url, self.artifacts = page, url, artifacts
 
-    def shot(page: Page, name: str, path: str | None, expected: list[str]) -> None:
+    def shot(self, name: str, path: str | None, expected: list[str]) -> None:
+        page = self.page
         if path is not None:
-            page.goto(deployment.url + path)
+            page.goto(self.url + path)
             page.wait_for_load_state("networkidle")
         for text in expected:
             found = page.get_by_text(text).first
             found.wait_for()
             found.scroll_into_view_if_needed()
         page.wait_for_timeout(1000)  # dialogs fade in, tables fill in
-        page.screenshot(path=str(artifacts / f"{name}.png"))
+        page.screenshot(path=str(self.artifacts / f"{name}.png"))
 
+
+@contextmanager
+def _screens(deployment: Deployment, artifacts: Path) -> Iterator[Screens]:
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "run scripts/test-setup.sh: it installs Debian's chromium"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(30_000)
-        shot(
-            page,
-            "01_sensors",
-            "/automation",
-            [
-                "Standard sensor",  # shown once the sensors' states have loaded
-                f"{PRIMECAM}_sensor",
-                f"{CHAI}_sensor",
-                "package_cologne_raw_sensor",
-            ],
-        )
-        shot(page, "02_sensor", f"/locations/{LOCATION}/sensors/{PRIMECAM}_sensor", ["~5 sec"])
-        page.get_by_role("button", name="0 runs requested").first.click()
-        shot(page, "03_skipped_tick", None, ["no new unpackaged files at 'primecam_raw'"])
-        shot(
-            page,
-            "04_partitions",
-            f"/locations/{LOCATION}/jobs/{PRIMECAM}/partitions",
-            # The groups themselves are listed on the asset's page (08).
-            ["Total partitions", "raw_data_packages/primecam_raw", "Backfill history"],
-        )
-        shot(page, "05_backfill", f"/runs/b/{backfill_id}?tab=runs", ["Succeeded"])
-        page.goto(f"{deployment.url}/runs/{run_id}")
-        step = f"{packages_asset('primecam_raw').to_python_identifier()}.{{op}}[part001]"
-        page.get_by_placeholder("Filter…").fill("step:" + step.format(op="assemble_tar"))
-        shot(page, "06_run_waits_for_pool", None, [f"Step blocked by limit for pool {POOL}"])
-        page.get_by_placeholder("Filter…").fill("step:" + step.format(op="register_at_buffer"))
-        page.get_by_text('Yielded output "result" of type "String?"').wait_for()  # filter applied
-        page.get_by_text("View full message").first.click()
-        shot(page, "07_run_metadata", None, ["buffer_path", "sha256:", "throughput_MB_per_s"])
-        asset_page = "/assets/raw_data_packages/primecam_raw"
-        shot(
-            page,
-            "08_package_partitions",
-            f"{asset_page}?view=partitions",
-            [site.key(site.a), site.key(site.b), "Materialized (2)", "Failed (0)"],
-        )
-        page.get_by_text(site.key(site.b), exact=True).first.click()
-        shot(page, "09_partition_packages", None, [site.package(site.b), "built_by_this_run"])
-        shot(
-            page,
-            "10_fixity_check",
-            f"{asset_page}?view=checks",
-            ["fixity_at_rest", "Passed", "match their recorded size and checksum"],
-        )
-        browser.close()
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(30_000)
+            yield Screens(page, deployment.url, artifacts)
+        finally:
+            browser.close()
+
+
+def _browse(screens: Screens, site: Site, backfill_id: str, run_id: str) -> None:
+    page, shot = screens.page, screens.shot
+    shot(
+        "01_sensors",
+        "/automation",
+        [
+            "Standard sensor",  # shown once the sensors' states have loaded
+            f"{PRIMECAM}_sensor",
+            f"{CHAI}_sensor",
+            "package_cologne_raw_sensor",
+            DISCOVERY_SENSOR,
+        ],
+    )
+    shot("02_sensor", f"/locations/{LOCATION}/sensors/{PRIMECAM}_sensor", ["~5 sec"])
+    page.get_by_role("button", name="0 runs requested").first.click()
+    shot("03_skipped_tick", None, ["no new unpackaged files at 'primecam_raw'"])
+    shot(
+        "04_partitions",
+        f"/locations/{LOCATION}/jobs/{PRIMECAM}/partitions",
+        # The groups themselves are listed on the asset's page (08).
+        ["Total partitions", "raw_data_packages/primecam_raw", "Backfill history"],
+    )
+    shot("05_backfill", f"/runs/b/{backfill_id}?tab=runs", ["Succeeded"])
+    page.goto(f"{screens.url}/runs/{run_id}")
+    step = f"{packages_asset('primecam_raw').to_python_identifier()}.{{op}}[part001]"
+    page.get_by_placeholder("Filter…").fill("step:" + step.format(op="assemble_tar"))
+    shot("06_run_waits_for_pool", None, [f"Step blocked by limit for pool {POOL}"])
+    page.get_by_placeholder("Filter…").fill("step:" + step.format(op="register_at_buffer"))
+    page.get_by_text('Yielded output "result" of type "String?"').wait_for()  # filter applied
+    page.get_by_text("View full message").first.click()
+    shot("07_run_metadata", None, ["buffer_path", "sha256:", "throughput_MB_per_s"])
+    shot(
+        "08_package_partitions",
+        f"{PRIMECAM_ASSET_PAGE}?view=partitions",
+        [site.key(site.a), site.key(site.b), "Materialized (3)", "Failed (0)"],
+    )
+    page.get_by_text(site.key(site.b), exact=True).first.click()
+    shot("09_partition_packages", None, [site.package(site.b), "built_by_this_run"])
+    shot(
+        "10_fixity_check",
+        f"{PRIMECAM_ASSET_PAGE}?view=checks",
+        ["fixity_at_rest", "Passed", "match their recorded size and checksum"],
+    )
+    shot(
+        "11_backlog_plots",
+        f"/assets/{'/'.join(backlog_asset('primecam_raw').path)}?view=plots",
+        ["unpackaged_files", "oldest_unpackaged_age_seconds", "buffer_free_bytes"],
+    )
