@@ -1,5 +1,5 @@
 """The backlog over time: per SOURCE location an asset ``packaging_backlog/<slug>`` whose
-materializations carry numbers (the asset's Plots tab in the UI draws each one over time), and
+materializations carry numbers (the asset's Overview, Metadata, Plots in the UI draws each one over time), and
 the same numbers in InfluxDB when it is configured (``influx``).
 
 One job, ``record_backlog``, records every location every five minutes
@@ -28,7 +28,7 @@ FREE_SPACE_BOUND_SECONDS = 20
 def backlog_metadata(
     row: LocationBacklog, spaces: list[BufferSpace]
 ) -> dict[str, dg.MetadataValue]:
-    """Numbers as ``int``/``float`` metadata (what the Plots tab draws), free space per buffer
+    """Numbers as ``int``/``float`` metadata (what the UI's Metadata plots draw), free space per buffer
     as ``buffer_free_bytes[<buffer>]``, and ``problems``: what could not be measured."""
     metadata: dict[str, dg.MetadataValue] = {
         key: dg.MetadataValue.int(value)
@@ -58,7 +58,7 @@ def backlog_definitions(locations: list[SourceLocationRef]) -> dg.Definitions:
                 key,
                 description=f"Backlog of SOURCE location {loc.name!r}: files waiting to be "
                 "packaged, the oldest one's age, recent completions and failures, and the "
-                "free space of its site's buffers. See the Plots tab.",
+                "free space of its site's buffers. Over time: Metadata, Plots (below).",
                 group_name="monitoring",
                 skippable=True,  # a location retired since the code location loaded
             )

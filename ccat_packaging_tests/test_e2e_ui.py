@@ -592,7 +592,7 @@ def _browse(screens: Screens, site: Site, backfill_id: str, run_id: str) -> None
         f"{PRIMECAM_ASSET_PAGE}?view=checks",
         ["fixity_at_rest", "Passed", "match their recorded size and checksum"],
     )
-    # The asset's events, shown as plots of their numeric metadata (Events > Plots).
-    page.goto(f"{screens.url}/assets/{'/'.join(backlog_asset('primecam_raw').path)}?view=events")
+    # Its numeric metadata over its materializations (Overview > Metadata > Plots).
+    page.goto(f"{screens.url}/assets/{'/'.join(backlog_asset('primecam_raw').path)}")
     page.get_by_role("button", name="Plots").click()
     shot("11_backlog_plots", None, ["unpackaged_files", "oldest_unpackaged_age_seconds"])
