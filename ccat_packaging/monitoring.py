@@ -1,6 +1,6 @@
 """The backlog over time: per SOURCE location an asset ``packaging_backlog/<slug>`` whose
-materializations carry numbers (the asset's Overview, Metadata, Plots in the UI draws each one over time), and
-the same numbers in InfluxDB when it is configured (``influx``).
+materializations carry numbers (the UI draws each one over time: the asset's Overview,
+Metadata, Plots), and the same numbers in InfluxDB when it is configured (``influx``).
 
 One job, ``record_backlog``, records every location every five minutes
 (``record_backlog_every_5_minutes``): unpackaged files and bytes, the oldest one's age,
@@ -28,8 +28,8 @@ FREE_SPACE_BOUND_SECONDS = 20
 def backlog_metadata(
     row: LocationBacklog, spaces: list[BufferSpace]
 ) -> dict[str, dg.MetadataValue]:
-    """Numbers as ``int``/``float`` metadata (what the UI's Metadata plots draw), free space per buffer
-    as ``buffer_free_bytes[<buffer>]``, and ``problems``: what could not be measured."""
+    """Numbers as ``int``/``float`` metadata (what the UI's Metadata plots draw), free space per
+    buffer as ``buffer_free_bytes[<buffer>]``, and ``problems``: what could not be measured."""
     metadata: dict[str, dg.MetadataValue] = {
         key: dg.MetadataValue.int(value)
         if isinstance(value, int)
