@@ -27,7 +27,7 @@ from typing import Any, TypedDict, cast
 import dagster as dg
 
 from ccat_packaging import names, settings
-from ccat_packaging.errors import ConfigurationError, DagsterUnavailableError
+from ccat_packaging.errors import ConfigurationError, DagsterUnavailableError, PackagingError
 from ccat_packaging.operations import BackfillTarget
 from ccat_packaging.sensors import prepare_pool, unregistered
 
@@ -36,6 +36,7 @@ from ccat_packaging.sensors import prepare_pool, unregistered
 DAEMONS = ("BACKFILL", "QUEUED_RUN_COORDINATOR")
 TIMEOUT_SECONDS = 30
 
+VERSION = "{ version }"
 LAUNCH_BACKFILL = """
 mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }"""
@@ -76,15 +77,20 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def check_daemon(instance: dg.DagsterInstance) -> None:
-    """Refuse to launch what no daemon would start: a backfill waits silently otherwise."""
-    statuses = instance.get_daemon_statuses(list(DAEMONS))
+def ready(instance: dg.DagsterInstance, url: str) -> None:
+    """Refuse to launch what no daemon would start (a backfill waits silently otherwise), and
+    find out that the webserver answers before anything is registered or requeued."""
+    try:
+        statuses = instance.get_daemon_statuses(list(DAEMONS))
+    except Exception as exc:  # the instance's own storage, not the operations database
+        raise _instance_failed(exc) from None
     down = [name for name in DAEMONS if not statuses[name].healthy]
     if down:
         raise DagsterUnavailableError(
             f"no dagster-daemon is running for the instance at DAGSTER_HOME "
             f"({', '.join(down)} without a recent heartbeat): start it (make prod-daemon)"
         )
+    _graphql(url, VERSION, {})
 
 
 def register_partitions(instance: dg.DagsterInstance, slug: str, keys: list[str]) -> int:
@@ -98,11 +104,16 @@ def register_partitions(instance: dg.DagsterInstance, slug: str, keys: list[str]
 def launch(instance: dg.DagsterInstance, target: BackfillTarget, title: str) -> LaunchedBackfill:
     """Register the partitions and the host's pool, then one backfill of the target's groups
     through the webserver."""
-    check_daemon(instance)
-    slug, keys = target.slug, target.keys
-    registered = register_partitions(instance, slug, keys)
-    prepare_pool(instance, names.host_pool(target.host))
     url = settings.dagster_url()
+    slug, keys = target.slug, target.keys
+    try:
+        ready(instance, url)
+        registered = register_partitions(instance, slug, keys)
+        prepare_pool(instance, names.host_pool(target.host))
+    except PackagingError:
+        raise
+    except Exception as exc:
+        raise _instance_failed(exc) from None
     params = {
         "selector": {
             "partitionSetName": names.partition_set_name(slug),
@@ -129,6 +140,13 @@ def launch(instance: dg.DagsterInstance, target: BackfillTarget, title: str) -> 
     return LaunchedBackfill(backfill_id, names.job_name(slug), registered, url)
 
 
+def _instance_failed(exc: Exception) -> DagsterUnavailableError:
+    return DagsterUnavailableError(
+        f"the Dagster instance at DAGSTER_HOME failed: "
+        f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    )
+
+
 def _graphql(url: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(
         f"{url}/graphql",
@@ -144,7 +162,7 @@ def _graphql(url: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
             f"the Dagster webserver at {url} does not answer ({reason}): start it "
             "(make prod-webserver) or set CCAT_DAGSTER_URL"
         ) from None
-    if answer.get("errors"):
-        message = " ".join(str(answer["errors"][0].get("message", "")).split())[:300]
-        raise DagsterUnavailableError(f"the webserver at {url} answered: {message}")
+    if answer.get("errors") or not answer.get("data"):
+        message = " ".join(str((answer.get("errors") or [{}])[0].get("message", "")).split())
+        raise DagsterUnavailableError(f"the webserver at {url} answered: {message[:300]}")
     return answer["data"]

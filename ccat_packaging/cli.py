@@ -213,6 +213,11 @@ def _requeue(args: argparse.Namespace) -> int:
     if not (args.package or args.location or args.all):
         print("say which: --package NAME, --location NAME or --all")
         return 2
+    if args.launch:  # before anything is requeued: what the launch needs answers
+        from ccat_packaging import backfills  # imports Dagster: only here
+
+        with backfills.dagster_instance() as instance:
+            backfills.ready(instance, settings.dagster_url())
     with _ops_session() as session:
         requeued = operations.requeue_failed(session, args.package, args.location)
     if not requeued:

@@ -149,7 +149,7 @@ def line(point: Point) -> str:
     """One point in InfluxDB's line protocol; tags sorted (what the server prefers)."""
     head = _escape(point.measurement, ", ")
     for key, value in sorted(point.tags.items()):
-        if value != "":  # the protocol has no empty tag value
+        if value:  # the protocol has no empty (or missing) tag value
             head += f",{_escape(key, ',= ')}={_escape(value, ',= ')}"
     body = ",".join(f"{_escape(k, ',= ')}={_field(v)}" for k, v in point.fields.items())
     return f"{head} {body} {point.time_ns}"
@@ -221,9 +221,14 @@ def write(points: Sequence[Point | None], warn: Warn) -> bool:
         return False
     if config is None or not batch:
         return False
+    try:
+        body = "\n".join(line(p) for p in batch).encode()
+    except (TypeError, ValueError, AttributeError) as exc:  # a value line protocol cannot hold
+        warn(f"InfluxDB metrics not written: {type(exc).__name__}: {exc}")
+        return False
     request = urllib.request.Request(
         config.write_url(),
-        data="\n".join(line(p) for p in batch).encode(),
+        data=body,
         method="POST",
         headers={"Content-Type": "text/plain; charset=utf-8"},
     )

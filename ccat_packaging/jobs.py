@@ -5,8 +5,8 @@ its own asset job, so its partitions page lists only its groups and its assembli
 pool of its host. The asset is backed by a graph of typed ops: ``create_package_records`` fans
 out one branch per package of the group (a resumed unfinished one, new numbered parts); each
 branch assembles, checksums and registers its package; ``summarise_group`` collects the branches
-into the asset's output. A run in which any branch fails leaves the partition failed in the UI;
-the next successful run of that group materializes it. Ops take nothing but the partition key
+into the asset's output. A run in which any branch fails, or that leaves a package of the group
+failed, leaves the partition failed in the UI; the next run that leaves none materializes it. Ops take nothing but the partition key
 and the database, so a sensor run, a UI or CLI backfill and a re-execution all do the same
 thing. Every op is safe to run again: one that finds its package already completed does nothing.
 What a failure leads to is ``failure_policy``'s decision, applied to every op by ``op_failures``.
@@ -184,12 +184,25 @@ def summarise_group(
     context: dg.OpExecutionContext, registered: list[str | None], ops_db: OpsDatabase
 ) -> None:
     """The asset's output: runs only when every branch succeeded (also with no branch at all,
-    a group already packaged), and shows all the group's packages, this run's and earlier."""
+    a group already packaged), and shows all the group's packages, this run's and earlier.
+
+    A part that failed earlier, left alone by a sensor run (only an operator's run re-drives
+    it), keeps the partition failed: green means no package of the group is failed."""
     key = GroupKey.parse(context.partition_key)
     with op_failures.handled(context, ops_db, None), ops_db.session() as session:
         packages = operations.list_packages(session, group=key, limit=operations.GROUP_LIMIT)
     built = [name for name in registered if name is not None]
-    context.add_output_metadata(run_metadata.group_summary(packages, built))
+    summary = run_metadata.group_summary(packages, built)
+    failed = [p for p in packages if p.status == Status.FAILED.value]
+    if failed:
+        raise dg.Failure(
+            description=f"{len(failed)} package(s) of {key} failed: "
+            + "; ".join(f"{p.name}: {p.failure_reason}" for p in failed)
+            + " (fix the cause, then backfill the group or `ccat-packaging requeue`)",
+            metadata=summary,
+            allow_retries=False,
+        )
+    context.add_output_metadata(summary)
 
 
 def _tag_run_with_buffer(context: dg.OpExecutionContext, buffer: str) -> None:

@@ -6,7 +6,10 @@ Values are read when asked for, never at import, so tests and the demo can set t
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
+
+from ccat_packaging.errors import ConfigurationError
 
 OPS_DB_URL_ENV = "CCAT_OPS_DB_URL"
 
@@ -33,7 +36,13 @@ def _int(name: str, default: int) -> int:
 def dagster_url() -> str:
     """``CCAT_DAGSTER_URL``: the Dagster webserver through whose GraphQL API ``ccat-packaging
     backfill`` and ``requeue --launch`` launch runs (``make prod-webserver``'s default)."""
-    return (os.environ.get("CCAT_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
+    url = (os.environ.get("CCAT_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
+    if "@" in urllib.parse.urlsplit(url).netloc:  # it is printed in every answer
+        raise ConfigurationError(
+            "CCAT_DAGSTER_URL must not hold credentials (it is printed): give the address of "
+            "an authenticating proxy instead"
+        )
+    return url
 
 
 def run_queues() -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ccat_packaging_tests.influxdb_server import InfluxServer, config, free_port, ping, request
+from ccat_packaging_tests.deployment import free_port
+from ccat_packaging_tests.influxdb_server import InfluxServer, config, ping, request
 
 START_SECONDS = 30
 

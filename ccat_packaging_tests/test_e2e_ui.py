@@ -242,10 +242,14 @@ def _record_backlog(deployment: Deployment, instance: dg.DagsterInstance) -> dic
     run_id = launched["run"]["runId"]
     run = wait_for("the backlog record", lambda: _finished_run(instance, run_id), 90)
     assert run.status == dg.DagsterRunStatus.SUCCESS
-    event = instance.get_latest_materialization_event(backlog_asset("primecam_raw"))
-    assert event is not None and event.run_id == run_id
-    assert event.asset_materialization is not None
-    metadata = event.asset_materialization.metadata
+    # This run's record (the schedule may have recorded one meanwhile).
+    [materialization] = [
+        e.asset_materialization
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        if e.asset_materialization is not None
+        and e.asset_materialization.asset_key == backlog_asset("primecam_raw")
+    ]
+    metadata = materialization.metadata
     return {k: v.value for k, v in metadata.items() if isinstance(v.value, int | float)}
 
 

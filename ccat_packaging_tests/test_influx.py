@@ -26,7 +26,8 @@ from ccat_packaging.failure_policy import Verdict
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.plans import Endpoint, PackagePlan
 from ccat_packaging_tests.dagster_helpers import run_partition
-from ccat_packaging_tests.influxdb_server import InfluxServer, free_port
+from ccat_packaging_tests.deployment import free_port
+from ccat_packaging_tests.influxdb_server import InfluxServer
 
 pytest_plugins = ["ccat_packaging_tests.influxdb_fixtures"]
 

@@ -93,7 +93,7 @@ def test_record_backlog_records_every_location_even_when_a_buffer_host_is_silent
             slug: instance.fetch_materializations(names.backlog_asset(slug), limit=5).records
             for slug in ("src", "far_src")
         }
-    assert took < 8  # the silent host's probe gave up after its 2 s bound (not 15 s or 300 s)
+    assert took < 12  # the silent host's probe gave up after its 2 s bounds (not 15 s or 300 s)
     [warning] = warnings
     assert warning.startswith(f"free space of buffer far buf on {host} not known:")
 
