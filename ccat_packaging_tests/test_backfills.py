@@ -169,6 +169,16 @@ def test_what_cannot_be_launched_is_one_line_and_a_non_zero_exit(
         f"error: the Dagster webserver at {down} does not answer ([Errno 111] Connection "
         "refused): start it (make prod-webserver) or set CCAT_DAGSTER_URL"
     )
+    # requeue --launch finds that out before it requeues anything.
+    _, failed = _failed_group(deployed.world, deployed.src)
+    assert fails("requeue", "--package", failed.name, "--launch").startswith(
+        f"error: the Dagster webserver at {down} does not answer"
+    )
+    assert _package(deployed.world, failed.id).status == Status.FAILED
+    monkeypatch.setenv("CCAT_DAGSTER_URL", "http://ops:s3cret@127.0.0.1:3000")
+    refused = fails("backfill", "src", "--group", key)
+    assert "CCAT_DAGSTER_URL must not hold credentials" in refused and "s3cret" not in refused
+    monkeypatch.setenv("CCAT_DAGSTER_URL", down)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # an instance no daemon serves
     assert fails("backfill", "src", "--group", key) == (
         "error: no dagster-daemon is running for the instance at DAGSTER_HOME (BACKFILL, "

@@ -24,7 +24,13 @@ from ccat_packaging.models import (
     RawDataPackagePhysicalCopy,
     Status,
 )
-from ccat_packaging.names import job_name, packages_asset, partitions_name
+from ccat_packaging.names import (
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+    job_name,
+    packages_asset,
+    partitions_name,
+)
 from ccat_packaging_tests.dagster_helpers import node, op_of, run_partition
 
 FILES = [
@@ -105,6 +111,39 @@ def test_a_failed_group_is_a_failed_partition_until_a_later_run_packages_it(worl
         assert fixed == {key: dg.AssetPartitionStatus.MATERIALIZED}
     [package] = _packages(world)
     assert package.status == Status.COMPLETED
+
+
+def test_a_sensor_run_that_leaves_a_failed_part_alone_keeps_the_partition_failed(world) -> None:
+    """Late files get a part of their own in a sensor run, which does not re-drive the failed
+    one: the new part is built, yet the group is not green while a package of it is failed."""
+    group, _, _ = _setup(world)
+    key = f"src__eou{group.eou_id}__mod{group.module_id}"
+    source_file = world.root(group.location_id) / FILES[0]
+    source_file.rename(source_file.with_name("moved away"))
+    asset = packages_asset("src")
+    partitions = defs().resolve_job_def(job_name("src")).partitions_def
+    assert partitions is not None
+    sensor_run = {SENSOR_NAME_TAG: "package_src_sensor", RUN_KEY_TAG: "late"}
+    with dg.instance_for_test() as instance:
+        assert not run_partition(instance, key, sensor_run).success
+        world.file_bytes(group, "late/scan_99.fits", size=1000)
+        late = run_partition(instance, key, {**sensor_run, RUN_KEY_TAG: "later"})
+        assert not late.success
+        [failure] = [
+            e
+            for e in late.all_events
+            if e.is_step_failure and op_of(e.step_key) == "summarise_group"
+        ]
+        assert failure.step_failure_data is not None
+        reason = failure.step_failure_data.user_failure_data
+        assert reason is not None and reason.description is not None
+        assert reason.description.startswith(f"1 package(s) of {key} failed: {key}__part001: ")
+        status = instance.get_status_by_partition(asset, [key], partitions)
+        assert status == {key: dg.AssetPartitionStatus.FAILED}
+    assert {p.name: p.status for p in _packages(world)} == {
+        f"{key}__part001": Status.FAILED,
+        f"{key}__part002": Status.COMPLETED,
+    }
 
 
 def test_ccat_archive_mode_is_the_published_archive_s_mode(
