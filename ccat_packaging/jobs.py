@@ -6,10 +6,11 @@ pool of its host. The asset is backed by a graph of typed ops: ``create_package_
 out one branch per package of the group (a resumed unfinished one, new numbered parts); each
 branch assembles, checksums and registers its package; ``summarise_group`` collects the branches
 into the asset's output. A run in which any branch fails, or that leaves a package of the group
-failed, leaves the partition failed in the UI; the next run that leaves none materializes it. Ops take nothing but the partition key
-and the database, so a sensor run, a UI or CLI backfill and a re-execution all do the same
-thing. Every op is safe to run again: one that finds its package already completed does nothing.
-What a failure leads to is ``failure_policy``'s decision, applied to every op by ``op_failures``.
+failed, leaves the partition failed in the UI; the next run that leaves none materializes it.
+Ops take nothing but the partition key and the database, so a sensor run, a UI or CLI backfill
+and a re-execution all do the same thing. Every op is safe to run again: one that finds its
+package already completed does nothing. What a failure leads to is ``failure_policy``'s
+decision, applied to every op by ``op_failures``.
 """
 
 import functools
