@@ -48,7 +48,7 @@ lint: $(BIN)/.installed
 ## missing). The end-to-end UI test leaves screenshots in test-artifacts/e2e_ui/.
 test: lint
 	scripts/test-setup.sh
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 ## Benchmarks (as root, ~14 minutes): assembly throughput and memory, discovery at 1 M files,
 ## orchestration overhead, packages through the topology; prints the table and writes it into

@@ -1,5 +1,4 @@
-"""Shared fixtures: a scratch PostgreSQL database per test, and a builder for test worlds; how
-``make test`` splits the suite over two pytest-xdist workers."""
+"""Shared fixtures: a scratch PostgreSQL database per test, and a builder for test worlds."""
 
 from __future__ import annotations
 
@@ -20,22 +19,6 @@ from ccat_packaging_tests.world import World
 PG_ADMIN_URL = os.environ.get(
     "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
-
-
-# Test files that watch the machine's tar agents started over SSH, or build network
-# namespaces: one worker runs them one after another, so that no other test's agents are
-# counted as left behind and the topology's hosts are built once at a time.
-SERIAL_FILES = {"test_ssh_assembly", "test_ssh_job", "test_stalls", "test_topology"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``make test`` runs two workers with ``--dist loadgroup``: a file's tests stay on one
-    worker (its module fixtures, e.g. a deployment, start once), the files of SERIAL_FILES on
-    one worker together; most tests wait on daemons, servers and timeouts, not on the CPU."""
-    for item in items:
-        module = item.path.stem
-        group = "serial" if module in SERIAL_FILES else module
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _postgres_is_up() -> bool:

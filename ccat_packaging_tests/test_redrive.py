@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from ccat_packaging.models import LocationType, RawDataPackage, Status
 from ccat_packaging.registration import acquire_lease
-from ccat_packaging_tests.dagster_helpers import run_partition
+from ccat_packaging_tests.dagster_helpers import op_of, run_partition
 
 SENSOR_RUN = {"dagster/sensor_name": "package_src_sensor", "dagster/run_key": "k"}
 
@@ -41,8 +41,12 @@ def test_a_backfill_redrives_failed_packages_and_a_sensor_run_does_not(world) ->
         assert failed.status == Status.FAILED
         path.write_bytes(content)  # the cause is fixed
         world.file(group, "late.dat")
-        # A sensor run for the late file builds a new part and leaves the failed one alone.
-        assert run_partition(instance, key, tags=SENSOR_RUN).success
+        # A sensor run for the late file builds a new part and leaves the failed one alone;
+        # only its last step fails, saying the group still holds a failed package (so the
+        # group's partition stays failed until an operator re-drives it).
+        late = run_partition(instance, key, tags=SENSOR_RUN)
+        failed_steps = [op_of(e.step_key) for e in late.all_events if e.is_step_failure]
+        assert failed_steps == ["summarise_group"]
         with world.session() as s:
             by_part = {p.part: p for p in s.query(RawDataPackage)}
         assert (by_part[1].status, by_part[2].status) == (Status.FAILED, Status.COMPLETED)

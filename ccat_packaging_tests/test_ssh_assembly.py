@@ -142,15 +142,23 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob("*") if p.is_file() and ".lock" not in p.name)
 
 
-def remote_agents() -> list[str]:
-    """Command lines of running agents that were uploaded to a host (local runs never are)."""
+def remote_agents(*servers: SshServer) -> list[str]:
+    """Command lines of running agents that were uploaded to one of ``servers`` (local runs
+    never are). An agent is known by its session's ``SSH_CONNECTION`` (it names the server's
+    address and port), which outlives a crashed sshd; agents of other tests that run at the
+    same time, on other servers, are not counted."""
+    ours = {f" {server.address} {server.port}".encode() for server in servers}
     found = []
     for entry in os.listdir("/proc"):
         try:
             command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if b"tar_agent-" not in command:
+                continue
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"tar_agent-" in command:
+        connection = next((v for v in environ if v.startswith(b"SSH_CONNECTION=")), b"")
+        if any(connection.endswith(server) for server in ours):
             found.append(command.replace(b"\0", b" ").decode(errors="replace"))
     return found
 
@@ -804,7 +812,7 @@ def test_sshd_crash_mid_assembly_is_retryable_and_leaves_nothing_running_or_writ
         [error] = outcome
         assert isinstance(error, RetryableError), error
         assert eventually(lambda: leftovers(buffer) == []), leftovers(buffer)
-        assert eventually(lambda: remote_agents() == []), remote_agents()
+        assert eventually(lambda: remote_agents(crashed) == []), remote_agents(crashed)
         assert not (partial / "pkg.tar").exists()
 
 
@@ -949,4 +957,5 @@ def test_a_byte_flipped_in_transit_fails_and_the_buffer_keeps_nothing(
     assert flipped, "no block passed through this worker: nothing was streamed"
     assert not info.value.retryable
     assert eventually(lambda: leftovers(tmp_path / "buffer") == []), leftovers(tmp_path / "buffer")
-    assert eventually(lambda: remote_agents() == []), remote_agents()
+    lab = (ssh_lab.a, ssh_lab.b)
+    assert eventually(lambda: remote_agents(*lab) == []), remote_agents(*lab)
