@@ -97,6 +97,9 @@ mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {
 RELOAD = """
 mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $name) {
   __typename ... on PythonError { message } } }"""
+LAST_TICK = """
+query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor {
+  sensorState { ticks(limit: 1) { status timestamp } } } } }"""
 SENSORS = """
 query($r: RepositorySelector!) { repositoryOrError(repositorySelector: $r) {
   ... on Repository { sensors { name } } } }"""
@@ -175,6 +178,21 @@ def _start_sensor(deployment: Deployment, name: str) -> str:
     assert result["__typename"] == "Sensor", result
     assert result["sensorState"]["status"] == "RUNNING"
     return str(result["sensorState"]["id"])
+
+
+def _wait_until_quiet(deployment: Deployment, sensor: str) -> None:
+    """A stopped sensor's tick that the daemon had already begun still submits its runs, late
+    on a loaded machine: wait until its last tick has ended and no new one came for 10 s."""
+    selector = {**REPOSITORY_SELECTOR, "sensorName": sensor}
+
+    def quiet() -> bool:
+        state = deployment.graphql(LAST_TICK, s=selector)["sensorOrError"]["sensorState"]
+        ticks = state["ticks"]
+        return not ticks or (
+            ticks[0]["status"] != "STARTED" and time.time() - ticks[0]["timestamp"] > 10
+        )
+
+    wait_for(f"the stopped {sensor}'s last tick to end", quiet, timeout=90)
 
 
 def _runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.RunRecord]:
@@ -371,6 +389,7 @@ def test_sensors_backfill_reexecution_and_the_ui(
         # The primecam sensor stops first, so that the backfill below has its groups.
         stopped = deployment.graphql(STOP_SENSOR, id=primecam_sensor)["stopSensor"]
         assert stopped["instigationState"]["status"] == "STOPPED", stopped
+        _wait_until_quiet(deployment, f"{PRIMECAM}_sensor")
         [failed_run] = _runs(instance, **{"dagster/sensor_name": f"{CHAI}_sensor"})
         path, content = missing["d"]
         path.write_bytes(content)
